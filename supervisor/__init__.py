@@ -1,0 +1,68 @@
+"""supervise: run AI agents and their tools under hard limits.
+
+The public surface is ``__all__``; names load lazily, so ``import supervisor.client`` and
+``supervise -- true`` stay fast (no pydantic, psutil or click on the way).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuditError",
+    "CommandNotExecutable",
+    "CommandNotFound",
+    "Policy",
+    "PolicyError",
+    "RunResult",
+    "SpawnError",
+    "Supervisor",
+    "SupervisorError",
+    "Usage",
+    "Violation",
+    "__version__",
+]
+
+_WHERE = {
+    "Policy": "policy",
+    "Supervisor": "supervisor",
+    "RunResult": "result",
+    "Usage": "result",
+    "Violation": "result",
+    "AuditError": "errors",
+    "CommandNotExecutable": "errors",
+    "CommandNotFound": "errors",
+    "PolicyError": "errors",
+    "SpawnError": "errors",
+    "SupervisorError": "errors",
+}
+
+if TYPE_CHECKING:
+    from .errors import (
+        AuditError,
+        CommandNotExecutable,
+        CommandNotFound,
+        PolicyError,
+        SpawnError,
+        SupervisorError,
+    )
+    from .policy import Policy
+    from .result import RunResult, Usage, Violation
+    from .supervisor import Supervisor
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'supervisor' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,344 @@
+/*
+ * supervise's in-tree reaper: the direct child of the supervisor.
+ *
+ * Python's preexec_fn forks the whole parent (milliseconds per spawn for a large
+ * embedding process) and cannot keep a tree alive-or-dead with the supervisor.  This
+ * tiny program is posix_spawn'ed (vfork-cheap at any parent size) and then:
+ *
+ *   - marks every inherited fd >= 3 close-on-exec, so nothing of the parent leaks;
+ *   - becomes a child subreaper and a session leader, so setsid and double-fork
+ *     escapees are reparented to it, never to init;
+ *   - forks the command, which in its own session applies the rlimits, a raised
+ *     oom_score_adj and PR_SET_PDEATHSIG(SIGKILL) (its parent is this single-threaded
+ *     process, so the "thread that forked" caveat does not apply), then execs;
+ *   - reports setup failures as "E step errno", the command's pid as "P pid", its
+ *     death as "X pid wstatus utime_us stime_us maxrss_kb", descendants killed by
+ *     SIGXCPU/SIGXFSZ (or SIGKILL at the RLIMIT_CPU hard limit) as "R pid wstatus",
+ *     and "D" when no descendant is left; all on the status fd;
+ *   - obeys "s SIG" lines on the control fd (signal the whole tree, replying
+ *     "s SIG pid..."; SIGKILL is repeated until the tree is empty);
+ *   - when the supervisor dies (pidfd of the parent readable, or EOF on the control
+ *     fd) it SIGKILLs the whole tree, so nothing outlives supervise, even a SIGKILLed one.
+ *
+ * Arguments: key=value words, then "--", then the command:
+ *   status=FD ctl=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N] [nofile=N] [oom=N]
+ *   [cwd=DIR] [pass=FD]... -- argv...
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+#define MAX_PASS 16
+#define MAX_PIDS 65536
+
+static int status_fd = -1, ctl_fd = -1;
+static pid_t cmd_pid = -1;
+static long long cpu_soft = -1;
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n <= 0 || status_fd < 0) return;
+    if (n >= (int)sizeof buf) n = sizeof buf - 1;
+    ssize_t off = 0;
+    while (off < n) {
+        ssize_t w = write(status_fd, buf + off, n - off);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            status_fd = -1; /* the supervisor is gone; keep reaping anyway */
+            return;
+        }
+        off += w;
+    }
+}
+
+/* Collect the pids of every descendant of `root`, breadth first, through
+ * /proc/PID/task/TID/children (no walk of all of /proc). */
+static int collect(pid_t root, pid_t *out, int max) {
+    int n = 0, head = 0;
+    out[n++] = root;
+    while (head < n) {
+        pid_t p = out[head++];
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/task", (int)p);
+        DIR *d = opendir(path);
+        if (!d) continue;
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            if (e->d_name[0] == '.') continue;
+            char cpath[320];
+            snprintf(cpath, sizeof cpath, "/proc/%d/task/%s/children", (int)p, e->d_name);
+            int fd = open(cpath, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            char buf[8192];
+            ssize_t len;
+            char carry[16];
+            size_t clen = 0;
+            while ((len = read(fd, buf, sizeof buf)) > 0) {
+                for (ssize_t i = 0; i < len; i++) {
+                    char c = buf[i];
+                    if (c >= '0' && c <= '9') {
+                        if (clen < sizeof carry - 1) carry[clen++] = c;
+                    } else if (clen) {
+                        carry[clen] = 0;
+                        if (n < max) out[n++] = (pid_t)atoi(carry);
+                        clen = 0;
+                    }
+                }
+            }
+            if (clen && n < max) {
+                carry[clen] = 0;
+                out[n++] = (pid_t)atoi(carry);
+            }
+            close(fd);
+        }
+        closedir(d);
+    }
+    return n; /* out[0] is root itself */
+}
+
+static pid_t pids[MAX_PIDS];
+
+/* Signal every descendant; returns how many were signalled and reports them
+ * ("s SIG pid...") when `report` is set or anything was signalled. */
+static int signal_tree(int sig, int report) {
+    if (cmd_pid > 0) kill(-cmd_pid, sig); /* the command's group, atomic against fork */
+    int n = collect(getpid(), pids, MAX_PIDS);
+    char line[4096];
+    int off = snprintf(line, sizeof line, "s %d", sig);
+    int count = 0;
+    for (int i = 1; i < n; i++) {
+        if (kill(pids[i], sig) == 0) {
+            count++;
+            if (off < (int)sizeof line - 16) off += snprintf(line + off, sizeof line - off, " %d", (int)pids[i]);
+        }
+    }
+    if (report || count) say("%s\n", line);
+    return count;
+}
+
+static void reap(int *cmd_done) {
+    for (;;) {
+        int st;
+        struct rusage ru;
+        pid_t p = wait4(-1, &st, WNOHANG, &ru);
+        if (p <= 0) return;
+        long long ut = (long long)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
+        long long stt = (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
+        if (p == cmd_pid) {
+            say("X %d %d %lld %lld %ld\n", (int)p, st, ut, stt, ru.ru_maxrss);
+            *cmd_done = 1;
+        } else if (WIFSIGNALED(st)) {
+            int sig = WTERMSIG(st);
+            if (sig == SIGXCPU || sig == SIGXFSZ ||
+                (sig == SIGKILL && cpu_soft >= 0 && ut + stt >= cpu_soft * 1000000LL))
+                say("R %d %d %lld\n", (int)p, st, ut + stt);
+        }
+    }
+}
+
+static void fail_child(int errfd, const char *step) {
+    char buf[64];
+    int n = snprintf(buf, sizeof buf, "%s:%d", step, errno);
+    if (write(errfd, buf, n) < 0) { /* nothing left to tell */ }
+    _exit(127);
+}
+
+int main(int argc, char **argv) {
+    pid_t ppid = 0;
+    long long cpu_hard = -1, as = -1, fsize = -1, nofile = -1, oom = -1000000;
+    const char *cwd = NULL;
+    int pass[MAX_PASS], npass = 0, i;
+    for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        char *a = argv[i];
+        if (!strncmp(a, "status=", 7)) status_fd = atoi(a + 7);
+        else if (!strncmp(a, "ctl=", 4)) ctl_fd = atoi(a + 4);
+        else if (!strncmp(a, "ppid=", 5)) ppid = (pid_t)atoi(a + 5);
+        else if (!strncmp(a, "cpu=", 4)) sscanf(a + 4, "%lld:%lld", &cpu_soft, &cpu_hard);
+        else if (!strncmp(a, "as=", 3)) as = atoll(a + 3);
+        else if (!strncmp(a, "fsize=", 6)) fsize = atoll(a + 6);
+        else if (!strncmp(a, "nofile=", 7)) nofile = atoll(a + 7);
+        else if (!strncmp(a, "oom=", 4)) oom = atoll(a + 4);
+        else if (!strncmp(a, "cwd=", 4)) cwd = a + 4;
+        else if (!strncmp(a, "pass=", 5) && npass < MAX_PASS) pass[npass++] = atoi(a + 5);
+        else {
+            fprintf(stderr, "supervise reaper: unknown argument %s\n", a);
+            return 125;
+        }
+    }
+    if (i >= argc - 1 || status_fd < 0 || ctl_fd < 0 || ppid <= 0) {
+        fprintf(stderr, "supervise reaper: usage: status=FD ctl=FD ppid=PID ... -- command\n");
+        return 125;
+    }
+    char **cmd = argv + i + 1;
+
+    /* Nothing of the parent's leaks to the command: every fd >= 3 closes on exec. */
+    if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) != 0) {
+        DIR *d = opendir("/proc/self/fd");
+        struct dirent *e;
+        while (d && (e = readdir(d)) != NULL) {
+            int fd = atoi(e->d_name);
+            if (fd >= 3) fcntl(fd, F_SETFD, FD_CLOEXEC);
+        }
+        if (d) closedir(d);
+    }
+    for (int k = 0; k < npass; k++) fcntl(pass[k], F_SETFD, 0);
+
+    signal(SIGPIPE, SIG_IGN);
+    int parent_fd = (int)syscall(SYS_pidfd_open, ppid, 0);
+    if (getppid() != ppid) return 125; /* the supervisor died before we started */
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+    setsid();
+
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+
+    int errpipe[2];
+    if (pipe2(errpipe, O_CLOEXEC) != 0) {
+        say("E pipe %d\n", errno);
+        return 125;
+    }
+    pid_t me = getpid();
+    cmd_pid = fork();
+    if (cmd_pid < 0) {
+        say("E fork %d\n", errno);
+        return 125;
+    }
+    if (cmd_pid == 0) {
+        close(errpipe[0]);
+        if (setsid() < 0) fail_child(errpipe[1], "setsid");
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail_child(errpipe[1], "pdeathsig");
+        if (getppid() != me) _exit(125);
+        if (oom > -1000000) {
+            int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+            if (fd >= 0) {
+                char b[32];
+                int n = snprintf(b, sizeof b, "%lld", oom);
+                if (write(fd, b, n) < 0) { /* raising needs no privilege; /proc may be absent */ }
+                close(fd);
+            }
+        }
+        struct rlimit rl;
+        if (cpu_soft >= 0) {
+            rl.rlim_cur = cpu_soft;
+            rl.rlim_max = cpu_hard;
+            if (setrlimit(RLIMIT_CPU, &rl) != 0) fail_child(errpipe[1], "rlimit_cpu");
+        }
+        if (as >= 0) {
+            rl.rlim_cur = rl.rlim_max = as;
+            if (setrlimit(RLIMIT_AS, &rl) != 0) fail_child(errpipe[1], "rlimit_as");
+        }
+        if (fsize >= 0) {
+            rl.rlim_cur = rl.rlim_max = fsize;
+            if (setrlimit(RLIMIT_FSIZE, &rl) != 0) fail_child(errpipe[1], "rlimit_fsize");
+        }
+        if (nofile >= 0) {
+            rl.rlim_cur = rl.rlim_max = nofile;
+            if (setrlimit(RLIMIT_NOFILE, &rl) != 0) fail_child(errpipe[1], "rlimit_nofile");
+        }
+        if (cwd && chdir(cwd) != 0) fail_child(errpipe[1], "chdir");
+        sigset_t none;
+        sigemptyset(&none);
+        for (int s = 1; s < 32; s++)
+            if (s != SIGKILL && s != SIGSTOP) signal(s, SIG_DFL);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        execvp(cmd[0], cmd);
+        fail_child(errpipe[1], "exec");
+    }
+    close(errpipe[1]);
+    char ebuf[64];
+    ssize_t elen;
+    do elen = read(errpipe[0], ebuf, sizeof ebuf - 1);
+    while (elen < 0 && errno == EINTR);
+    close(errpipe[0]);
+    if (elen > 0) {
+        ebuf[elen] = 0;
+        char *colon = strchr(ebuf, ':');
+        if (colon) *colon = ' ';
+        say("E %s\n", ebuf);
+    } else {
+        say("P %d\n", (int)cmd_pid);
+    }
+
+    int cmd_done = 0, orphaned = 0, killing = 0;
+    char cbuf[256];
+    size_t clen = 0;
+    for (;;) {
+        reap(&cmd_done);
+        if (cmd_done) {
+            /* Exit once no descendant is left: wait() says ECHILD. */
+            if (waitid(P_ALL, 0, NULL, WEXITED | WNOHANG | WNOWAIT) < 0 && errno == ECHILD) break;
+        }
+        struct pollfd fds[3];
+        int nf = 0;
+        fds[nf].fd = sfd; fds[nf++].events = POLLIN;
+        if (!orphaned) { fds[nf].fd = ctl_fd; fds[nf++].events = POLLIN; }
+        if (!orphaned && parent_fd >= 0) { fds[nf].fd = parent_fd; fds[nf++].events = POLLIN; }
+        int r = poll(fds, nf, (orphaned || killing) ? 10 : -1);
+        if (r < 0 && errno != EINTR) break;
+        if (fds[0].revents) {
+            struct signalfd_siginfo si;
+            while (read(sfd, &si, sizeof si) == sizeof si) {}
+        }
+        int gone = 0;
+        if (!orphaned && nf > 2 && fds[2].revents) gone = 1;
+        if (!orphaned && fds[1].revents) {
+            ssize_t len = read(ctl_fd, cbuf + clen, sizeof cbuf - 1 - clen);
+            if (len <= 0) gone = 1;
+            else {
+                clen += len;
+                char *nl;
+                while ((nl = memchr(cbuf, '\n', clen)) != NULL) {
+                    *nl = 0;
+                    int sig;
+                    if (sscanf(cbuf, "s %d", &sig) == 1 && sig > 0 && sig < 65) {
+                        signal_tree(sig, 1);
+                        if (sig == SIGKILL) killing = 1;
+                    }
+                    size_t used = (size_t)(nl - cbuf) + 1;
+                    memmove(cbuf, nl + 1, clen - used);
+                    clen -= used;
+                }
+                if (clen >= sizeof cbuf - 1) clen = 0; /* garbage: drop it */
+            }
+        }
+        if (gone) orphaned = 1;
+        /* SIGKILL is repeated until the tree is empty: a process forked between two
+         * passes is caught by the next. Orphaned: the supervisor is gone, and nothing
+         * may outlive it. */
+        if (orphaned || killing) signal_tree(SIGKILL, 0);
+    }
+    say("D\n");
+    return 0;
+}

@@ -1,0 +1,250 @@
+"""Units in policies and messages: sizes, durations and money, parsed strictly and shown short.
+
+Parsers take what YAML gives (a number or a string) and return plain numbers: sizes in bytes
+(``int``), durations in seconds (``float``), money in USD (``Decimal``, never through float).
+They raise ``ValueError`` whose text is ready for the user, e.g.
+``"2 gigs" is not a size (try 2GiB)``. Booleans are rejected (YAML reads ``yes`` as true)
+and so are negative values. Only the standard library is imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import reprlib
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
+
+__all__ = [
+    "MAX_SIZE",
+    "compact_duration",
+    "compact_size",
+    "format_duration",
+    "format_money",
+    "format_size",
+    "parse_duration",
+    "parse_money",
+    "parse_size",
+    "show",
+]
+
+# rlimits are 64-bit and RLIM_INFINITY is all ones: anything larger cannot be enforced.
+MAX_SIZE = 2**63 - 1
+
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_SIZE_RE = re.compile(rf"\s*(?P<sign>[-+]?)\s*(?P<number>{_NUMBER})\s*(?P<unit>[A-Za-z]*)\s*")
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "byte": 1,
+    "bytes": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "pb": 1000**5,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "pib": 1024**5,
+}
+_BINARY = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+_DURATION_UNITS = {
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "sec": Decimal(1),
+    "m": Decimal(60),
+    "min": Decimal(60),
+    "h": Decimal(3600),
+    "hr": Decimal(3600),
+    "d": Decimal(86400),
+}
+# Longest names first, so that "ms" is not read as "m" followed by garbage.
+_DURATION_UNIT_RE = "|".join(sorted(_DURATION_UNITS, key=len, reverse=True))
+_DURATION_PART = re.compile(rf"\s*({_NUMBER})\s*({_DURATION_UNIT_RE})(?![a-z])")
+_PLAIN_NUMBER = re.compile(rf"\s*(?P<sign>[-+]?)\s*(?P<number>{_NUMBER})\s*")
+_MONEY_RE = re.compile(rf"\s*(?P<sign>-?)\s*\$?\s*(?P<sign2>-?)\s*(?P<number>{_NUMBER})\s*")
+
+_SHORT = reprlib.Repr()  # keyword arguments only arrive in Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 2, 4, 4, 30
+_DURATION_HINT = "try 30s, 5m"
+_MONEY_HINT = 'try 5 or "$5"'
+
+
+def show(value: object) -> str:
+    """Render a value the way a user wrote it, for messages: strings quoted, null, true."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal):
+        return str(value)
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:56] + '..."'
+    # Bounded: YAML aliases can make a small file load as a huge (or circular) structure.
+    text = _SHORT.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _finite(number: Decimal, value: object, what: str, hint: str, plural: str) -> Decimal:
+    if not number.is_finite():
+        raise ValueError(f"{show(value)} is not {what} ({hint})")
+    if number < 0:
+        raise ValueError(f"{show(value)} is negative ({plural} cannot be)")
+    return number
+
+
+def _number(value: int | float | Decimal) -> Decimal:
+    # str() first: Decimal(0.1) would keep the binary float's 55 digits of noise.
+    return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``512``, ``"512KiB"``, ``"1.5 GiB"`` or ``"1GB"``; part of a byte rounds down."""
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        number = _finite(_number(value), value, "a size", "try 2GiB", "sizes")
+    elif isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value)
+        factor = _SIZE_UNITS.get(match["unit"].lower()) if match else None
+        if match is None or factor is None:
+            raise ValueError(f"{show(value)} is not a size ({_size_hint(value)})")
+        number = Decimal(match["number"]) * factor
+        if match["sign"] == "-" and number != 0:
+            raise ValueError(f"{show(value)} is negative (sizes cannot be)")
+    else:
+        raise ValueError(f"{show(value)} is not a size (try 2GiB)")
+    size = int(number.to_integral_value(rounding=ROUND_FLOOR))
+    if size > MAX_SIZE:
+        raise ValueError(f"{show(value)} is too large (the most is {format_size(MAX_SIZE)})")
+    return size
+
+
+def _size_hint(text: str) -> str:
+    """Suggest the binary unit the user most likely meant: "2 gigs" -> 2GiB, "512M" -> 512MiB."""
+    match = re.match(rf"\s*({_NUMBER})\s*([A-Za-z]?)", text)
+    if match is None:
+        return "try 512MiB or 2GiB"
+    prefix = {"k": "Ki", "m": "Mi", "g": "Gi", "t": "Ti", "p": "Pi"}.get(match[2].lower(), "Gi")
+    return f"try {match[1]}{prefix}B"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30``, ``"250ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"1d"`` or ``"1h30m"``."""
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        return float(_finite(_number(value), value, "a duration", _DURATION_HINT, "durations"))
+    if not isinstance(value, str):
+        raise ValueError(f"{show(value)} is not a duration ({_DURATION_HINT})")
+    plain = _PLAIN_NUMBER.fullmatch(value)
+    if plain is not None:
+        seconds = Decimal(plain["number"])
+        negative = plain["sign"] == "-"
+    else:
+        body = value.strip()
+        negative = body.startswith("-")
+        body = body[1:] if negative else body
+        seconds, end = Decimal(0), 0
+        for part in _DURATION_PART.finditer(body):
+            if part.start() != end:
+                break
+            seconds += Decimal(part[1]) * _DURATION_UNITS[part[2]]
+            end = part.end()
+        if end == 0 or body[end:].strip():
+            raise ValueError(f"{show(value)} is not a duration ({_DURATION_HINT})")
+    if negative and seconds != 0:
+        raise ValueError(f"{show(value)} is negative (durations cannot be)")
+    return float(seconds)
+
+
+def parse_money(value: object) -> Decimal:
+    """USD as an exact Decimal from ``5``, ``0.1``, ``"5.25"`` or ``"$5"``."""
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        return _finite(_number(value), value, "an amount of money", _MONEY_HINT, "amounts of money")
+    match = _MONEY_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{show(value)} is not an amount of money ({_MONEY_HINT})")
+    try:
+        amount = Decimal(match["number"])
+    except InvalidOperation:  # pragma: no cover - the regex only lets decimal numbers through
+        raise ValueError(f"{show(value)} is not an amount of money ({_MONEY_HINT})") from None
+    if "-" in (match["sign"], match["sign2"]) and amount != 0:
+        raise ValueError(f"{show(value)} is negative (amounts of money cannot be)")
+    return amount
+
+
+def format_size(size: int) -> str:
+    """Bytes for people: ``812 B``, ``512.0 MiB``, ``1.5 GiB`` (binary units, one decimal)."""
+    sign, size = ("-", -size) if size < 0 else ("", size)
+    if size < 1024:
+        return f"{sign}{size} B"
+    value = float(size)
+    for unit in _BINARY:
+        value /= 1024
+        if value < 1024 or unit == _BINARY[-1]:
+            break
+    return f"{sign}{value:.1f} {unit}"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds for people: ``250 ms``, ``1.00 s``, ``5m 0s``, ``2h 30m``, ``1d 4h``."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if math.isinf(seconds) or math.isnan(seconds):
+        return str(seconds)
+    if seconds < 0.001 and seconds > 0:
+        return f"{seconds * 1000:.2f} ms"
+    if round(seconds * 1000) < 1000:
+        return f"{round(seconds * 1000)} ms"
+    if seconds < 59.995:
+        return f"{seconds:.2f} s"
+    total = round(seconds)
+    if total < 3600:
+        return f"{total // 60}m {total % 60}s"
+    if total < 86400:
+        return f"{total // 3600}h {total % 3600 // 60}m"
+    return f"{total // 86400}d {total % 86400 // 3600}h"
+
+
+def format_money(amount: Decimal) -> str:
+    """USD for people: ``$5.00``, ``$0.10``, ``$1.234567`` (at least cents, at most micro-USD)."""
+    rounded = amount.quantize(Decimal("0.000001"), rounding=ROUND_HALF_EVEN)
+    whole, _, fraction = f"{abs(rounded):f}".partition(".")
+    fraction = fraction.rstrip("0").ljust(2, "0")
+    return f"{'-' if rounded < 0 else ''}${whole}.{fraction}"
+
+
+def compact_size(size: int) -> str | int:
+    """The shortest exact way to write a size in a policy: ``2GiB``, ``1GB``, else the bytes."""
+    best: str | int = size
+    if size <= 0:
+        return best
+    for units, base in ((("kB", "MB", "GB", "TB", "PB"), 1000), (_BINARY[:5], 1024)):
+        for power in range(len(units), 0, -1):
+            if size % base**power == 0:
+                text = f"{size // base**power}{units[power - 1]}"
+                # Binary wins ties: it is what limits are usually meant in.
+                if isinstance(best, int) or len(text) <= len(best):
+                    best = text
+                break
+    return best
+
+
+def compact_duration(seconds: float) -> str | float:
+    """The shortest exact way to write a duration in a policy: ``10m``, ``1h30m``, ``250ms``."""
+    if seconds <= 0 or not math.isfinite(seconds):
+        return seconds
+    rest = Decimal(repr(seconds))
+    parts = []
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        count, rest = divmod(rest, length)
+        if count:
+            parts.append(f"{count}{unit}")
+    if rest and not parts and rest < 1 and (rest * 1000) % 1 == 0:
+        parts.append(f"{rest * 1000:f}".rstrip("0").rstrip(".") + "ms")
+    elif rest:
+        parts.append(f"{rest.normalize():f}s")
+    text = "".join(parts)
+    # Only use the text if it reads back as exactly the same float.
+    return text if parse_duration(text) == seconds else seconds

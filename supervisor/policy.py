@@ -1,0 +1,512 @@
+"""The policy: what a run may use, read from YAML and checked in full before anything starts.
+
+``Policy.load("policy.yaml")`` returns a frozen, validated ``Policy`` or raises ``PolicyError``
+with one line per problem, each naming the file, the line and the key path::
+
+    policy.yaml:7 limits.memory: "2 gigs" is not a size (try 2GiB)
+
+Sizes are stored in bytes and durations in seconds; absent limits are ``None`` (not limited).
+``with_overrides`` applies ``--set KEY=VALUE`` items; ``sha256`` fingerprints the effective
+policy for the audit log. The sections ``workspace``, ``network`` and ``budget`` belong to the
+product's schema but are not built yet, so a policy that has them is refused, never ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import functools
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic_core import ErrorDetails
+
+from supervisor._units import compact_duration, compact_size, parse_duration, parse_size, show
+from supervisor.errors import PolicyError
+
+__all__ = ["EnvPolicy", "Limits", "Policy"]
+
+_Loc = tuple[str | int, ...]
+
+# In the product's schema, refused until they are built: silently ignoring a budget or a
+# network rule would let a run think it is limited when it is not.
+_UNBUILT = ("workspace", "network", "budget")
+
+
+def _limit(parse: Callable[[object], float], minimum: float = 0, why: str = "") -> Any:
+    """A validator for an optional limit: null = not limited, else parsed and above ``minimum``."""
+
+    def validate(value: object) -> object:
+        if value is None:
+            return None
+        number = parse(value)
+        if number <= minimum:
+            reason = why or "a limit must be more than 0"
+            raise ValueError(f"{show(value)} is too small ({reason}; null means no limit)")
+        return number
+
+    return BeforeValidator(validate)
+
+
+def _parse_count(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"{show(value)} is not a whole number (try 1024)")
+
+
+def _step_time(value: object) -> object:
+    if value is not None:
+        raise ValueError("not supported yet (it comes with the budget RPC; remove it or use null)")
+    return None
+
+
+def _version(value: object) -> object:
+    if value == 1 and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{show(value)} is not supported (this supervise reads version 1)")
+
+
+def _text(value: object) -> object:
+    """YAML reads ``name: 2024`` as a number and ``yes`` as true; take them as text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, int | float) else value
+
+
+def _number_text(value: object) -> object:
+    # Numbers only: "name: yes" is more likely a mistake than a name.
+    return value if isinstance(value, bool) else _text(value)
+
+
+def _env_name(name: object) -> str:
+    if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+        raise ValueError(f"{show(name)} is not an environment variable name")
+    return name
+
+
+def _inherit(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list):
+        for index, name in enumerate(value):
+            try:
+                _env_name(name)
+            except ValueError as error:
+                raise ValueError(f"{error} (item {index + 1} of the list)") from None
+        return value
+    raise ValueError(
+        f"expected true, false or a list of variable names, got {show(value)} (try [PATH, HOME])"
+    )
+
+
+def _env_set(value: object) -> object:
+    if not isinstance(value, dict):
+        return value  # let the model say "expected a mapping"
+    for name in value:
+        if isinstance(name, str):
+            _env_name(name)
+    # Scalars become text; anything else is left for the model to refuse with its key path.
+    return {name: _text(text) for name, text in value.items()}
+
+
+Duration = Annotated[float | None, _limit(parse_duration)]
+Size = Annotated[int | None, _limit(parse_size)]
+Files = Annotated[int | None, _limit(_parse_count, 2, "stdin, stdout and stderr need 3 open files")]
+Processes = Annotated[int | None, _limit(_parse_count, 0, "the command itself is 1 process")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Limits(_Model):
+    """Hard limits of one run. Sizes in bytes, durations in seconds; None = not limited."""
+
+    wall_time: Duration = None
+    cpu_time: Duration = None
+    memory: Size = None
+    address_space: Size = None
+    file_size: Size = None
+    open_files: Files = None
+    processes: Processes = None
+    step_time: Annotated[float | None, BeforeValidator(_step_time)] = None
+
+
+class EnvPolicy(_Model):
+    """The child's environment: what it inherits from supervise, and what is set on top."""
+
+    inherit: Annotated[bool | list[str], BeforeValidator(_inherit)] = True
+    set: Annotated[dict[str, str], BeforeValidator(_env_set)] = Field(default_factory=dict)
+
+
+class Policy(_Model):
+    """A validated policy. Build one with ``load``, ``from_yaml``, ``from_dict`` or ``default``."""
+
+    version: Annotated[Literal[1], BeforeValidator(_version)] = 1
+    name: Annotated[str, BeforeValidator(_number_text)] = "unnamed"
+    agent: Annotated[str | None, BeforeValidator(_number_text)] = None
+    limits: Limits = Field(default_factory=Limits)
+    on_violation: Literal["kill", "warn"] = "kill"
+    grace: Annotated[float, BeforeValidator(parse_duration)] = 2.0
+    env: EnvPolicy = Field(default_factory=EnvPolicy)
+    audit: str | None = None
+
+    _source: str = PrivateAttr(default="<dict>")
+    _source_text: str | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> str:
+        """Where it came from: the path as given, ``<default>``, ``<dict>`` or ``<string>``."""
+        return self._source
+
+    @property
+    def source_text(self) -> str | None:
+        """The YAML text it was read from (before any ``--set``), or None."""
+        return self._source_text
+
+    def __eq__(self, other: object) -> bool:
+        # Two policies are equal when they enforce the same thing, wherever they came from.
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(self.sha256())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Policy:
+        """Read and validate a policy file."""
+        source = os.fspath(path)
+        try:
+            with open(source, encoding="utf-8") as file:
+                text = file.read()
+        except OSError as error:
+            hint = {errno.EACCES: "check its permissions", errno.EISDIR: "give a file"}
+            problem = f"cannot read the policy: {error.strerror or error}"
+            fix = hint.get(error.errno or 0, "check the path")
+            raise PolicyError([f"{source}: {problem} ({fix})"], source=source) from None
+        except UnicodeDecodeError:
+            problem = "cannot read the policy: it is not UTF-8 text (save it as UTF-8)"
+            raise PolicyError([f"{source}: {problem}"], source=source) from None
+        return cls.from_yaml(text, source=source)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<string>") -> Policy:
+        """Validate a policy given as YAML text; ``source`` names it in messages."""
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            data = None if root is None else loader.construct_document(root)
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark or error.context_mark
+            where = f"{source}:{mark.line + 1}" if mark else source
+            problem = error.problem or error.context or "syntax error"
+            fix = (
+                "indent with spaces, not tabs"
+                if "\\t" in problem
+                else "check indentation and quoting"
+            )
+            problem = f"{where}: not valid YAML: {problem} ({fix})"
+            raise PolicyError([problem], source=source) from None
+        except yaml.YAMLError as error:
+            raise PolicyError([f"{source}: not valid YAML: {error}"], source=source) from None
+        finally:
+            loader.dispose()
+        if data is None:
+            problem = 'the policy is empty (start with "version: 1")'
+            raise PolicyError([f"{source}:1: {problem}"], source=source)
+        assert root is not None
+        if not isinstance(data, dict):
+            kind = "a list" if isinstance(data, list) else show(data)
+            problem = f'the policy must be a mapping of keys, got {kind} (start with "version: 1")'
+            raise PolicyError([f"{source}:{root.start_mark.line + 1}: {problem}"], source=source)
+        lines: dict[_Loc, int] = {}
+        texts: dict[_Loc, str] = {}
+        problems = _walk(root, (), lines, texts)
+        if any(message == _CYCLE for _, message in problems):
+            return cls._build({}, source, lines, problems)  # pydantic would recurse forever
+        env = data.get("env")
+        if isinstance(env, dict) and isinstance(env.get("set"), dict):
+            # Env values are text as written: YAML would read 0755 as 493 and yes as true.
+            values = env["set"] = dict(env["set"])
+            for name, value in values.items():
+                if isinstance(value, int | float) and ("env", "set", name) in texts:
+                    values[name] = texts["env", "set", name]
+        policy = cls._build(data, source, lines, problems)
+        policy._source_text = text
+        return policy
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Policy:
+        """Validate a policy given as a dict (as YAML would load it)."""
+        if not isinstance(data, dict):
+            problem = f"the policy must be a mapping of keys, got {show(data)}"
+            raise PolicyError([f"{source}: {problem}"], source=source)
+        return cls._build(data, source, None, [])
+
+    @classmethod
+    def default(cls) -> Policy:
+        """The built-in default policy (``supervisor/default.yaml``), parsed once."""
+        return _default()
+
+    @classmethod
+    def _build(
+        cls,
+        data: dict[Any, Any],
+        source: str,
+        lines: dict[_Loc, int] | None,
+        problems: list[tuple[_Loc, str]],
+    ) -> Policy:
+        found: list[tuple[int, str]] = []
+
+        def report(path: _Loc, message: str) -> None:
+            if lines is None:
+                found.append((0, f"{source} {_dotted(path)}: {message}"))
+            else:
+                line = _line(lines, path)
+                found.append((line, f"{source}:{line} {_dotted(path)}: {message}"))
+
+        for path, message in problems:
+            report(path, message)
+        data = dict(data)
+        for key in _UNBUILT:
+            if key in data:
+                report(
+                    (key,), "not supported yet by this version of supervise (remove the section)"
+                )
+                del data[key]
+        try:
+            policy = cls.model_validate(data)
+        except ValidationError as error:
+            for path, message in _explain(error):
+                report(path, message)
+        if found:
+            # In file order, each problem once (sorted() is stable for problems on one line).
+            ordered = dict.fromkeys(text for _, text in sorted(found, key=lambda pair: pair[0]))
+            raise PolicyError(list(ordered), source=source)
+        policy._source = source
+        return policy
+
+    def with_overrides(self, items: Iterable[str]) -> Policy:
+        """A new policy with ``--set KEY=VALUE`` items applied (VALUE is YAML; null = off)."""
+        items = list(items)
+        if not items:
+            return self
+        data = self.to_dict()
+        problems: list[tuple[int, str]] = []
+        applied: list[tuple[_Loc, int]] = []
+        for index, item in enumerate(items):
+            key, equals, raw = item.partition("=")
+            path: _Loc = tuple(key.strip().split("."))
+            if path[:2] == ("env", "set") and len(path) > 2:
+                # Variable names may contain dots; everything after env.set. is the name.
+                path = ("env", "set", ".".join(str(part) for part in path[2:]))
+            trouble = _check_path(path) if equals and key.strip() else _KEY_VALUE
+            if trouble is None:
+                try:
+                    # env values are text: FOO=0755 must stay "0755", not YAML's octal 493.
+                    value = raw if len(path) == 3 and path[0] == "env" else yaml.safe_load(raw)
+                    trouble = _put(data, path, value)
+                except yaml.YAMLError as error:
+                    problem = getattr(error, "problem", None) or "syntax error"
+                    trouble = f"not valid YAML: {problem} (quote the value)"
+            if trouble is None:
+                applied.append((path, index))
+            else:
+                problems.append((index, trouble))
+        try:
+            policy = type(self).model_validate(data)
+        except ValidationError as error:
+            for loc, message in _explain(error):
+                # The base policy was valid, so the last item that touched loc is to blame.
+                owners = [(p, i) for p, i in applied if loc[: len(p)] == p or p[: len(loc)] == loc]
+                path, index = owners[-1]
+                inner = f"{_dotted(loc)}: " if len(loc) > len(path) else ""
+                problems.append((index, inner + message))
+        if problems:
+            lines = [
+                f"--set {items[index]}: {text}"
+                for index, text in sorted(problems, key=lambda pair: pair[0])
+            ]
+            raise PolicyError(list(dict.fromkeys(lines)), source="--set")
+        policy._source = self._source
+        policy._source_text = self._source_text
+        return policy
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective policy as JSON-friendly data: bytes and seconds as plain numbers."""
+        return self.model_dump(mode="json")
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the effective policy's canonical JSON (sorted keys, no spaces)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def to_yaml(self) -> str:
+        """The effective policy as YAML with units (``2GiB``, ``10m``); from_yaml reads it back."""
+        data = self.to_dict()
+        limits = data["limits"]
+        for key, value in limits.items():
+            if value is not None and key in ("wall_time", "cpu_time", "step_time"):
+                limits[key] = compact_duration(value)
+            elif value is not None and key in ("memory", "address_space", "file_size"):
+                limits[key] = compact_size(value)
+        data["grace"] = compact_duration(data["grace"])
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+_SECTIONS: dict[_Loc, type[BaseModel]] = {(): Policy, ("limits",): Limits, ("env",): EnvPolicy}
+
+
+@functools.cache
+def _default() -> Policy:
+    text = resources.files("supervisor").joinpath("default.yaml").read_text(encoding="utf-8")
+    return Policy.from_yaml(text, source="<default>")
+
+
+_KEY_VALUE = "expected KEY=VALUE (e.g. --set limits.wall_time=10s)"
+_CYCLE = "refers to itself (remove the alias)"
+
+
+def _walk(
+    node: yaml.Node, path: _Loc, lines: dict[_Loc, int], texts: dict[_Loc, str]
+) -> list[tuple[_Loc, str]]:
+    """Note the 1-based line of every key path and the text of every scalar; find duplicates."""
+    todo: list[tuple[yaml.Node, _Loc, frozenset[int]]] = [(node, path, frozenset())]
+    problems: list[tuple[_Loc, str]] = []
+    walked: set[int] = set()
+    while todo:
+        node, path, above = todo.pop()
+        if id(node) in above:  # an alias of its own ancestor
+            problems.append((path, _CYCLE))
+            continue
+        if id(node) in walked:  # an alias walked before: once is enough (and not exponential)
+            continue
+        walked.add(id(node))
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.ScalarNode):
+            texts[path] = node.value
+        children: list[tuple[yaml.Node, _Loc]] = []
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[_Loc, int] = {}
+            for key, value in node.value:
+                child = (*path, key.value if isinstance(key, yaml.ScalarNode) else "?")
+                if child in seen:
+                    message = f"duplicate key (also on line {seen[child]}; keep one)"
+                    problems.append((child, message))
+                seen[child] = lines[child] = key.start_mark.line + 1
+                children.append((value, child))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, (*path, index)) for index, item in enumerate(node.value)]
+        todo += [(child, where, above | {id(node)}) for child, where in reversed(children)]
+    return problems
+
+
+def _line(lines: dict[_Loc, int], path: _Loc) -> int:
+    """The line of ``path``, or of its nearest parent that is in the file (for a missing key)."""
+    for depth in range(len(path), -1, -1):
+        for candidate in (path[:depth], tuple(str(part) for part in path[:depth])):
+            if candidate in lines:
+                return lines[candidate]
+    return 1
+
+
+def _dotted(path: _Loc) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _known_keys(section: _Loc) -> list[str]:
+    model = _SECTIONS.get(section)
+    keys = list(model.model_fields) if model is not None else []
+    return keys + list(_UNBUILT) if section == () else keys
+
+
+def _unknown(key: object, section: _Loc, full: bool = False) -> str:
+    """``unknown key (did you mean memory?)``, or the list of known keys when nothing is close."""
+    known = _known_keys(section)
+    prefix = _dotted(section) + "." if full and section else ""
+    close = difflib.get_close_matches(str(key), known, n=1)
+    name = f" {prefix}{key}" if full else ""
+    if close:
+        return f"unknown key{name} (did you mean {prefix}{close[0]}?)"
+    return f"unknown key{name} (known keys: {', '.join(known)})"
+
+
+_EXPECTED = {
+    "string": "text",
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "dict": "a mapping (indented KEY: VALUE lines)",
+    "model": "a mapping (indented KEY: VALUE lines)",
+    "list": "a list",
+}
+
+
+def _explain(error: ValidationError) -> list[tuple[_Loc, str]]:
+    """Turn pydantic's errors into (key path, readable message) pairs."""
+    explained = []
+    for detail in error.errors():
+        path: _Loc = tuple(part for part in detail["loc"] if part != "[key]")
+        if detail["type"] in ("extra_forbidden", "invalid_key"):
+            path = (*path[:-1], str(path[-1]))  # a key, even when YAML read it as a number
+        explained.append((path, _message(detail, path)))
+    return explained
+
+
+def _message(detail: ErrorDetails, path: _Loc) -> str:
+    kind, value, context = detail["type"], detail.get("input"), detail.get("ctx") or {}
+    if kind in ("value_error", "assertion_error") and "error" in context:
+        return str(context["error"])
+    if kind in ("extra_forbidden", "invalid_key"):
+        return _unknown(path[-1], path[:-1])
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(context.get("expected", "")))
+        return f"{show(value)} is not one of: {', '.join(choices)}"
+    if kind == "missing":
+        return "is required"
+    expected = _EXPECTED.get(kind.split("_")[0])
+    if expected is not None:
+        return f"expected {expected}, got {show(value)}"
+    return f"{detail['msg']}, got {show(value)}"
+
+
+def _check_path(path: _Loc) -> str | None:
+    """Why ``--set`` cannot use this key path, or None when it names a real key."""
+    section: _Loc = ()
+    for depth, part in enumerate(path):
+        if section not in _SECTIONS:
+            if section == ("env", "set") and depth == len(path) - 1:
+                return None if part else "env.set. needs a name (e.g. --set env.set.FOO=bar)"
+            return f"{_dotted(section)} is not a section (try --set {_dotted(section)}=VALUE)"
+        if depth == 0 and part in _UNBUILT:
+            return f"{part}: not supported yet by this version of supervise"
+        if part not in _SECTIONS[section].model_fields:
+            return _unknown(part, section, full=True)
+        section = (*section, part)
+    return None
+
+
+def _put(data: dict[str, Any], path: _Loc, value: object) -> str | None:
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        node = node.get(part)
+        if not isinstance(node, dict):
+            where = _dotted(path[: depth + 1])
+            return f"{where} is not a mapping here (an earlier --set replaced it)"
+    node[path[-1]] = value
+    return None

@@ -1,0 +1,237 @@
+"""Starting the command: the reaper helper, argv, environment, fds, and setup errors.
+
+The command is not forked from Python.  ``posix_spawn`` (vfork-cheap whatever the size
+of the parent) starts ``_reaper``, a small C program compiled from ``_reaper.c``, which
+forks the command, applies the rlimits in it before exec, and stays as its parent: a
+subreaper that reaps the whole tree and kills it if the supervisor dies.  The protocol
+between the two is a line per event on a pipe (see ``_reaper.c``).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import sys
+
+from .errors import CommandNotExecutable, CommandNotFound, HelperError, SpawnError
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCE = os.path.join(_HERE, "_reaper.c")
+_PACKAGED = os.path.join(_HERE, "_reaper")
+_reaper_cache: str | None = None
+
+# The rlimit each setup step applies, for messages a user can act on.
+_STEP_LIMIT = {
+    "rlimit_cpu": ("cpu_time", "RLIMIT_CPU"),
+    "rlimit_as": ("address_space", "RLIMIT_AS"),
+    "rlimit_fsize": ("file_size", "RLIMIT_FSIZE"),
+    "rlimit_nofile": ("open_files", "RLIMIT_NOFILE"),
+}
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "supervise")
+
+
+def build_reaper(source: str, target: str) -> None:
+    """Compile the reaper from C source into ``target`` atomically."""
+    import shutil
+    import subprocess
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise HelperError(
+            "supervise needs its reaper helper and found no C compiler to build it",
+            hint="install a wheel of agent-supervisor, or a C compiler (apt-get install gcc)",
+        )
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    proc = subprocess.run(
+        [cc, "-O2", "-o", tmp, source], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise HelperError(
+            f"building the reaper helper with {cc} failed: {proc.stderr.strip()[:500]}",
+            hint="install a wheel of agent-supervisor, or a working C compiler",
+        )
+    os.replace(tmp, target)
+
+
+def reaper_path() -> str:
+    """The reaper executable: shipped in the package, else built once into the cache."""
+    global _reaper_cache
+    if _reaper_cache is not None:
+        return _reaper_cache
+    if os.access(_PACKAGED, os.X_OK):
+        _reaper_cache = _PACKAGED
+        return _reaper_cache
+    import hashlib
+
+    with open(_SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    target = os.path.join(_cache_dir(), f"reaper-{digest}-{os.uname().machine}")
+    if not os.access(target, os.X_OK):
+        build_reaper(_SOURCE, target)
+    _reaper_cache = target
+    return _reaper_cache
+
+
+class Child:
+    """A started command: its reaper's pid, the command's pid, and the two pipes."""
+
+    __slots__ = ("ctl_fd", "pid", "reaper_pid", "status_fd")
+
+    def __init__(self, reaper_pid: int, pid: int, status_fd: int, ctl_fd: int) -> None:
+        self.reaper_pid = reaper_pid
+        self.pid = pid
+        self.status_fd = status_fd
+        self.ctl_fd = ctl_fd
+
+    def signal_tree(self, sig: int) -> None:
+        """Ask the reaper to send ``sig`` to every process of the tree."""
+        try:
+            os.write(self.ctl_fd, b"s %d\n" % sig)
+        except OSError:  # the reaper is gone: the tree is already empty
+            pass
+
+    def close(self) -> None:
+        for fd in (self.status_fd, self.ctl_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.status_fd = self.ctl_fd = -1
+
+
+def build_env(
+    inherit: bool | list[str], set_: dict[str, str], base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The child's environment: inherited (all, none or some names) plus ``set``."""
+    src = os.environ if base is None else base
+    if inherit is True:
+        env = dict(src)
+    elif inherit is False:
+        env = {}
+    else:
+        env = {k: src[k] for k in inherit if k in src}
+    env.update(set_)
+    return env
+
+
+def _std_action(target: int, value: object) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    fd = value if isinstance(value, int) else value.fileno()  # type: ignore[attr-defined]
+    return (os.POSIX_SPAWN_DUP2, fd, target)
+
+
+def spawn(
+    argv: list[str],
+    *,
+    rlimits: list[str],
+    env: dict[str, str],
+    cwd: str | None = None,
+    pass_fds: tuple[int, ...] = (),
+    stdin: object = None,
+    stdout: object = None,
+    stderr: object = None,
+) -> Child:
+    """Start ``argv`` under the reaper; return once it was exec'ed, or raise SpawnError.
+
+    ``rlimits`` are the reaper's ``key=value`` words (``cpu=S:H``, ``as=N``, ...).
+    """
+    if not argv:
+        raise SpawnError("no command given", step="argv")
+    reaper = reaper_path()
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
+    args = [reaper, f"status={status_w}", f"ctl={ctl_r}", f"ppid={os.getpid()}", *rlimits]
+    if cwd is not None:
+        args.append(f"cwd={cwd}")
+    args += [f"pass={fd}" for fd in pass_fds]
+    args.append("--")
+    args += argv
+    # dup2(fd, fd) clears close-on-exec for just this child (glibc >= 2.29), so
+    # another thread's spawn cannot inherit these pipes.
+    actions: list[tuple[int, int, int]] = [
+        (os.POSIX_SPAWN_DUP2, status_w, status_w),
+        (os.POSIX_SPAWN_DUP2, ctl_r, ctl_r),
+    ]
+    actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds]
+    for target, value in ((0, stdin), (1, stdout), (2, stderr)):
+        action = _std_action(target, value)
+        if action is not None:
+            actions.append(action)
+    try:
+        reaper_pid = os.posix_spawn(reaper, args, env, file_actions=actions)
+    except OSError as e:
+        for fd in (status_r, status_w, ctl_r, ctl_w):
+            os.close(fd)
+        raise HelperError(f"cannot start the reaper helper {reaper}: {e.strerror}") from e
+    os.close(status_w)
+    os.close(ctl_r)
+    child = Child(reaper_pid, 0, status_r, ctl_w)
+    first = _read_line(status_r)
+    if first.startswith(b"P "):
+        child.pid = int(first[2:])
+        return child
+    # Setup failed: drain the reaper, reap it, and say what happened.
+    while _read_line(status_r):
+        pass
+    _reap(reaper_pid)
+    child.close()
+    raise _setup_error(first, argv, rlimits)
+
+
+def _read_line(fd: int) -> bytes:
+    """One line from the status pipe (byte by byte: the first line must not over-read)."""
+    out = bytearray()
+    while True:
+        b = os.read(fd, 1)
+        if not b or b == b"\n":
+            return bytes(out)
+        out += b
+
+
+def _reap(pid: int) -> int:
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:  # SIGCHLD is ignored by the embedding program
+        return 0
+
+
+def _setup_error(line: bytes, argv: list[str], rlimits: list[str]) -> SpawnError:
+    parts = line.decode("ascii", "replace").split()
+    if len(parts) != 3 or parts[0] != "E":
+        return SpawnError(f"the reaper helper stopped unexpectedly ({line!r})", step="reaper")
+    step, err = parts[1], int(parts[2])
+    reason = os.strerror(err)
+    if step == "exec":
+        if err in (_errno.ENOENT, _errno.ENOTDIR):
+            return CommandNotFound(f"{argv[0]}: command not found", step=step, errno=err)
+        return CommandNotExecutable(f"{argv[0]}: cannot execute: {reason}", step=step, errno=err)
+    if step in _STEP_LIMIT:
+        limit, name = _STEP_LIMIT[step]
+        value = next((w.split("=", 1)[1] for w in rlimits if w.startswith(name[7:].lower())), "?")
+        hard = _hard_limit(name)
+        return SpawnError(
+            f"cannot apply limits.{limit}={value}: setrlimit({name}) failed: {reason} "
+            f"(this session's hard limit is {hard}; lower limits.{limit})",
+            step=step,
+            errno=err,
+        )
+    if step == "chdir":
+        return SpawnError(f"cannot enter the working directory: {reason}", step=step, errno=err)
+    return SpawnError(f"setting up the child failed at {step}: {reason}", step=step, errno=err)
+
+
+def _hard_limit(name: str) -> str:
+    import resource
+
+    hard = resource.getrlimit(getattr(resource, name))[1]
+    return "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+
+
+if __name__ == "__main__":  # pragma: no cover - a developer's helper: build the reaper
+    print(reaper_path(), file=sys.stderr)

@@ -1,0 +1,493 @@
+"""The lifecycle of one run: spawn → watch → stop → ``RunResult``, with hooks and audit.
+
+One thread per run, no sleep-polling: the loop blocks in ``poll()`` on the reaper's status
+pipe (the command's exit, kernel-limit deaths, the tree emptying) and a wake pipe (signals
+to forward, cancellation), with a timeout that is the next deadline (wall clock, end of
+grace).  The reaper (see ``spawn.py``) does the reaping and the killing; this module
+decides when, and why.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._plan import RunPlan
+from .errors import SupervisorError
+from .result import RunResult, Violation, iso_time
+from .spawn import Child, build_env, spawn
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from .audit import AuditLog
+    from .policy import Policy
+
+_SIGNAL_LIMIT: dict[int, str] = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size"}
+
+
+def _fmt(limit: str, value: float | int | None) -> str:
+    from ._units import format_duration, format_size
+
+    if value is None:
+        return "?"
+    if limit in ("wall_time", "cpu_time", "step_time"):
+        return format_duration(float(value))
+    if limit in ("memory", "address_space", "file_size", "storage", "max_file_size"):
+        return format_size(int(value))
+    return str(value)
+
+
+def _oom_score_adj() -> int:
+    """The child's oom_score_adj: 500 above ours, so the OOM killer picks it first."""
+    try:
+        with open("/proc/self/oom_score_adj", "rb") as f:
+            own = int(f.read())
+    except (OSError, ValueError):
+        own = 0
+    return min(1000, own + 500)
+
+
+def _call_hook(hook: Callable[..., object] | None, *args: object) -> None:
+    """Run a user hook; one that raises is reported and never breaks enforcement."""
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception as e:
+        print(f"supervise: a hook raised {type(e).__name__}: {e}", file=sys.stderr)
+
+
+class Supervisor:
+    """Runs commands under one policy.  Thread-safe: each ``run`` is independent.
+
+    ``Supervisor(policy).run(["python", "agent.py"], agent="bot", session="s1")``
+    """
+
+    def __init__(
+        self,
+        policy: Policy | RunPlan | None = None,
+        *,
+        on_warning: Callable[[dict[str, Any]], object] | None = None,
+        on_violation: Callable[[Violation], object] | None = None,
+        on_end: Callable[[RunResult], object] | None = None,
+        audit: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if policy is None:
+            from .policy import Policy
+
+            policy = Policy.default()
+        self.plan = policy if isinstance(policy, RunPlan) else RunPlan.from_policy(policy)
+        self.on_warning = on_warning
+        self.on_violation = on_violation
+        self.on_end = on_end
+        self.audit_path = os.fspath(audit) if audit is not None else None
+
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        agent: str | None = None,
+        session: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: object = None,
+        stdout: object = None,
+        stderr: object = None,
+    ) -> Run:
+        """A run, not yet started: call ``.execute()`` (blocks) from the thread of your choice."""
+        return Run(self, list(argv), agent, session, env, cwd, (stdin, stdout, stderr))
+
+    def run(self, argv: Sequence[str], **kwargs: Any) -> RunResult:
+        """Run ``argv`` to the end under the policy and return its RunResult."""
+        return self.start(argv, **kwargs).execute()
+
+    async def run_async(self, argv: Sequence[str], **kwargs: Any) -> RunResult:
+        """``run`` for asyncio: the run goes on in a thread; cancelling stops the tree."""
+        import asyncio
+
+        run = self.start(argv, **kwargs)
+        future = asyncio.get_running_loop().run_in_executor(None, run.execute)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            run.interrupt(signal.SIGTERM)
+            await future
+            raise
+
+
+class Run:
+    """One run's state.  ``interrupt()`` may be called from any thread or a signal handler."""
+
+    def __init__(
+        self,
+        sup: Supervisor,
+        argv: list[str],
+        agent: str | None,
+        session: str | None,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        std: tuple[object, object, object],
+    ) -> None:
+        self.sup = sup
+        self.plan = sup.plan
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.std = std
+        self.result = RunResult(os.urandom(8).hex(), agent or self.plan.agent, session, argv)
+        self.child: Child | None = None
+        self.audit: AuditLog | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._pending_signal = 0
+        self._stopping = False  # we have signalled the tree (stop or sweep)
+        self._sent_by_us: set[int] = set()
+        self._term_pids: set[int] = set()
+        self._kill_pids: set[int] = set()
+        self._kill_at: float | None = None
+        self._forwarded = 0
+        self._wstatus: int | None = None
+        self._warned_limits: set[str] = set()
+        self.error: SupervisorError | None = None
+
+    # -- the public controls -------------------------------------------------------
+
+    def interrupt(self, sig: int) -> None:
+        """Forward ``sig`` to the tree and stop it after ``grace`` (async-signal-safe)."""
+        self._pending_signal = sig
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
+
+    # -- the lifecycle -----------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        """Run to the end (blocking) and return the RunResult."""
+        t0 = time.monotonic()
+        self.result.started_at = iso_time(time.time())
+        try:
+            return self._execute(t0)
+        finally:
+            self._close()
+
+    def _execute(self, t0: float) -> RunResult:
+        res = self.result
+        plan = self.plan
+        try:
+            self.audit = self._open_audit()
+            env = build_env(plan.env_inherit, plan.env_set, self.env)
+            env["SUPERVISE_RUN_ID"] = res.run_id
+            if res.agent:
+                env["SUPERVISE_AGENT"] = res.agent
+            stdin, stdout, stderr = self.std
+            self.child = spawn(
+                self.argv,
+                rlimits=[*plan.rlimit_words(), f"oom={_oom_score_adj()}"],
+                env=env,
+                cwd=self.cwd,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        except SupervisorError as e:
+            return self._failed(e, t0)
+        try:
+            self._log("run_start", detail=self._start_detail())
+            self._loop(t0)
+        except SupervisorError as e:  # e.g. the audit log failed: fail closed
+            self._stop_now()
+            self._drain()
+            return self._failed(e, t0)
+        return self._finish(t0)
+
+    def _open_audit(self) -> AuditLog:
+        from .audit import AuditLog, default_audit_path
+
+        path = self.sup.audit_path or self.plan.audit
+        path = os.path.expanduser(path) if path else str(default_audit_path())
+        return AuditLog(path)
+
+    def _start_detail(self) -> dict[str, Any]:
+        plan = self.plan
+        assert self.child is not None
+        return {
+            "command": self.argv,
+            "pid": self.child.pid,
+            "policy": plan.name,
+            "policy_sha256": plan.sha256,
+            "on_violation": plan.on_violation,
+            "enforced": {
+                "rlimits": plan.rlimit_words(),
+                "reaper": "subreaper+pidfd",
+                "wall_time": plan.limit("wall_time"),
+                "landlock": None,
+            },
+        }
+
+    def _loop(self, t0: float) -> None:
+        child = self.child
+        assert child is not None
+        wall = self.plan.limit("wall_time")
+        wall_at = t0 + wall if wall is not None else None
+        poller = select.poll()
+        poller.register(child.status_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        buf = b""
+        while True:
+            now = time.monotonic()
+            deadlines = [d for d in (wall_at, self._kill_at) if d is not None]
+            if wall_at is not None and now >= wall_at:
+                wall_at = None
+                self._breach("wall_time", now - t0, wall, "wall clock")
+                continue
+            if self._kill_at is not None and now >= self._kill_at:
+                self._kill_at = None
+                child.signal_tree(signal.SIGKILL)
+                self._sent_by_us.add(signal.SIGKILL)
+                continue
+            timeout = None if not deadlines else max(0.0, min(deadlines) - now)
+            events = poller.poll(None if timeout is None else timeout * 1000 + 0.5)
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    self._on_wake()
+                    continue
+                chunk = os.read(child.status_fd, 65536)
+                if not chunk:
+                    return
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if self._on_line(line, t0):
+                        return
+
+    def _on_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 512)
+        except OSError:
+            pass
+        sig, self._pending_signal = self._pending_signal, 0
+        if not sig or self.child is None:
+            return
+        self._forwarded = self._forwarded or sig
+        self._sent_by_us.add(sig)
+        self.child.signal_tree(sig)
+        if self._kill_at is None:
+            self._kill_at = time.monotonic() + self.plan.grace
+
+    def _on_line(self, line: bytes, t0: float) -> bool:
+        """Handle one reaper line; True when the tree is empty."""
+        parts = line.split()
+        if not parts:
+            return False
+        kind = parts[0]
+        if kind == b"D":
+            return True
+        if kind == b"X":
+            self._wstatus = int(parts[2])
+            self.result.usage.cpu_time = (int(parts[3]) + int(parts[4])) / 1e6
+            self.result.usage.peak_memory = max(self.result.usage.peak_memory, int(parts[5]) * 1024)
+            self._on_command_exit(self._wstatus)
+        elif kind == b"R":
+            self._on_kernel_kill(int(parts[1]), int(parts[2]), int(parts[3]) / 1e6)
+        elif kind == b"s":
+            pids = {int(p) for p in parts[2:]}
+            (self._kill_pids if int(parts[1]) == signal.SIGKILL else self._term_pids).update(pids)
+        return False
+
+    def _on_command_exit(self, wstatus: int) -> None:
+        if os.WIFSIGNALED(wstatus):
+            sig = os.WTERMSIG(wstatus)
+            assert self.child is not None
+            self._on_kernel_kill(self.child.pid, wstatus, self.result.usage.cpu_time)
+            if sig not in self._sent_by_us and self.result.violation is None:
+                pass  # a signal we did not send: reported as 128+N in _finish
+        # Nothing outlives the run: sweep what the command left behind.
+        if not self._stopping:
+            self._stop(sweep=True)
+
+    def _on_kernel_kill(self, pid: int, wstatus: int, cpu: float) -> None:
+        """A process of the tree died of SIGXCPU/SIGXFSZ, or of SIGKILL at the CPU hard limit."""
+        if not os.WIFSIGNALED(wstatus):
+            return
+        sig = os.WTERMSIG(wstatus)
+        limit = _SIGNAL_LIMIT.get(sig)
+        cpu_limit = self.plan.limit("cpu_time")
+        if (
+            limit is None
+            and sig == signal.SIGKILL
+            and signal.SIGKILL not in self._sent_by_us
+            and cpu_limit is not None
+            and cpu >= max(1, int(cpu_limit))
+        ):
+            limit = "cpu_time"  # killed by the kernel at the RLIMIT_CPU hard limit
+        if limit is None:
+            return
+        name = signal.Signals(sig).name
+        if limit == "cpu_time":
+            self._breach(limit, cpu, cpu_limit, f"{name}, pid {pid}", kernel=True)
+        else:
+            value = self.plan.limit("file_size")
+            self._breach(limit, None, value, f"a write past it, {name}, pid {pid}", kernel=True)
+
+    def _breach(
+        self, limit: str, observed: float | int | None, value: Any, how: str, kernel: bool = False
+    ) -> None:
+        """A limit was broken: record it, tell the hooks and the log, stop or warn."""
+        res = self.result
+        if res.violation is not None or limit in self._warned_limits:
+            return
+        kill = self.plan.on_violation == "kill"
+        shown = _fmt(limit, observed) if observed is not None else "exceeded"
+        message = f"{limit} limit exceeded: {shown} > {_fmt(limit, value)} ({how})"
+        if observed is None:
+            message = f"{limit} limit exceeded: {_fmt(limit, value)} ({how})"
+        violation = Violation(limit, observed, value, message)
+        if kill:
+            res.violation = violation
+        else:
+            self._warned_limits.add(limit)
+            if res.violation is None:
+                res.violation = violation
+        self._log(
+            "violation",
+            limit=limit,
+            observed=observed,
+            limit_value=value,
+            unit=violation.unit,
+            action="kill" if kill else "warn",
+            detail=message,
+        )
+        _call_hook(self.sup.on_violation, violation)
+        if kill:
+            self._stop(sweep=False)
+
+    def _stop(self, *, sweep: bool) -> None:
+        """SIGTERM the whole tree, SIGKILL after grace (at once when grace is 0)."""
+        child = self.child
+        if child is None or self._stopping:
+            return
+        self._stopping = True
+        if self.plan.grace <= 0:
+            self._sent_by_us.add(signal.SIGKILL)
+            child.signal_tree(signal.SIGKILL)
+        else:
+            self._sent_by_us.add(signal.SIGTERM)
+            child.signal_tree(signal.SIGTERM)
+            self._kill_at = time.monotonic() + self.plan.grace
+
+    def _stop_now(self) -> None:
+        if self.child is not None:
+            self._sent_by_us.add(signal.SIGKILL)
+            self.child.signal_tree(signal.SIGKILL)
+
+    def _drain(self) -> None:
+        """Read the status pipe to its end: the reaper exits when the tree is empty."""
+        if self.child is None:
+            return
+        while True:
+            try:
+                if not os.read(self.child.status_fd, 65536):
+                    return
+            except OSError:
+                return
+
+    def _close(self) -> None:
+        child = self.child
+        if child is not None:
+            child.close()
+            try:
+                os.waitpid(child.reaper_pid, 0)
+            except ChildProcessError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- the result ----------------------------------------------------------------
+
+    def _finish(self, t0: float) -> RunResult:
+        res = self.result
+        res.usage.wall_time = time.monotonic() - t0
+        res.ended_at = iso_time(time.time())
+        wstatus = self._wstatus if self._wstatus is not None else 0
+        if os.WIFEXITED(wstatus):
+            res.returncode = os.WEXITSTATUS(wstatus)
+        elif os.WIFSIGNALED(wstatus):
+            res.returncode = -os.WTERMSIG(wstatus)
+        self._check_after_exit()
+        v = res.violation
+        if v is not None and self.plan.on_violation == "kill":
+            res.status, res.exit_code = "violation", 124
+            killed = len(self._term_pids | self._kill_pids)
+            if killed:
+                v.message += f"; killed {killed} process{'es' if killed != 1 else ''}"
+            ignored = sorted(self._kill_pids & self._term_pids)
+            if ignored:
+                v.message += f" ({', '.join(map(str, ignored))} ignored SIGTERM)"
+        elif res.returncode is not None and res.returncode < 0:
+            res.status = "violation" if v is not None else "signaled"
+            res.exit_code = 128 - res.returncode
+        else:
+            res.status = "violation" if v is not None else "ok"
+            res.exit_code = res.returncode or 0
+        if self._forwarded and v is None and signal.SIGKILL in self._sent_by_us:
+            # A forwarded signal the tree did not obey: it was killed after grace.
+            res.status = "signaled"
+            res.exit_code = 128 + self._forwarded
+        self._end(res)
+        return res
+
+    def _check_after_exit(self) -> None:
+        """Under ``warn`` the CPU rlimit is not set: compare the total once at the end."""
+        cpu = self.plan.limit("cpu_time")
+        used = self.result.usage.cpu_time
+        if cpu is not None and used > cpu and self.result.violation is None:
+            self._breach("cpu_time", used, cpu, "tree CPU")
+
+    def _failed(self, error: SupervisorError, t0: float) -> RunResult:
+        res = self.result
+        res.status = "failed"
+        res.exit_code = error.exit_code
+        res.usage.wall_time = time.monotonic() - t0
+        res.ended_at = iso_time(time.time())
+        res.error = str(error)
+        self.error = error
+        if self.audit is not None:
+            try:
+                self._log("run_start", detail={"command": self.argv, "error": str(error)})
+            except SupervisorError:
+                pass
+        self._end(res)
+        return res
+
+    def _end(self, res: RunResult) -> None:
+        if self.audit is not None:
+            try:
+                self._log(
+                    "run_end",
+                    action=res.status,
+                    detail={
+                        "exit_code": res.exit_code,
+                        "returncode": res.returncode,
+                        "wall_time": round(res.usage.wall_time, 6),
+                        "cpu_time": res.usage.cpu_time,
+                        "violation": None if res.violation is None else res.violation.limit,
+                    },
+                )
+            except SupervisorError as e:
+                res.error = res.error or str(e)
+            self.audit.close()
+        _call_hook(self.sup.on_end, res)
+
+    def _log(self, event: str, **fields: Any) -> None:
+        if self.audit is None:
+            return
+        res = self.result
+        self.audit.append(event, run_id=res.run_id, agent=res.agent, session=res.session, **fields)
