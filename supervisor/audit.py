@@ -19,19 +19,24 @@ from __future__ import annotations
 import _thread
 import errno
 import fcntl
-import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
 
+from supervisor._hash import sha256
 from supervisor.errors import AuditError
 
+# typing costs ~5 ms to import; mypy honours any constant named TYPE_CHECKING.
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # imported where used: supervisor.py imports this module on every run
+    from collections.abc import Iterable, Iterator
     from datetime import datetime
     from pathlib import Path
+    from typing import Any, TypeAlias
+
+    PathArg: TypeAlias = str | os.PathLike[str]
+    Paths: TypeAlias = PathArg | Iterable[PathArg]
 
 __all__ = [
     "EVENTS", "KEYS", "AuditLog", "VerifyReport", "default_audit_path", "filter_events",
@@ -50,18 +55,21 @@ _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _MOVED = "a line was dropped, inserted or reordered before it"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-PathArg = str | os.PathLike[str]
-Paths = PathArg | Iterable[PathArg]
+
+def default_audit_file() -> str:
+    """``default_audit_path()`` as a string, without importing pathlib (the run's hot path)."""
+    state = os.environ.get("XDG_STATE_HOME")
+    # The XDG spec says a relative XDG_STATE_HOME is invalid and must be ignored.
+    if not (state and os.path.isabs(state)):
+        state = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "supervise", "audit.jsonl")
 
 
 def default_audit_path() -> Path:
     """``$XDG_STATE_HOME/supervise/audit.jsonl``, else ``~/.local/state/supervise/audit.jsonl``."""
     from pathlib import Path
 
-    state = os.environ.get("XDG_STATE_HOME")
-    # The XDG spec says a relative XDG_STATE_HOME is invalid and must be ignored.
-    base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
-    return base / "supervise" / "audit.jsonl"
+    return Path(default_audit_file())
 
 
 def _canonical(record: dict[str, Any]) -> bytes:
@@ -73,7 +81,7 @@ def _canonical(record: dict[str, Any]) -> bytes:
 
 
 def _hash(record: dict[str, Any]) -> str:
-    return hashlib.sha256(_canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+    return sha256(_canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
 
 
 def _number(value: Any) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import errno
 import functools
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_core import ErrorDetails
 
+from supervisor._hash import sha256
 from supervisor._units import compact_duration, compact_size, parse_duration, parse_size, show
 from supervisor.errors import PolicyError
 
@@ -351,7 +351,7 @@ class Policy(_Model):
     def sha256(self) -> str:
         """Hex SHA-256 of the effective policy's canonical JSON (sorted keys, no spaces)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return sha256(canonical.encode("utf-8")).hexdigest()
 
     def to_yaml(self) -> str:
         """The effective policy as YAML with units (``2GiB``, ``10m``); from_yaml reads it back."""

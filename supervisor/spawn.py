@@ -66,10 +66,10 @@ def reaper_path() -> str:
     if os.access(_PACKAGED, os.X_OK):
         _reaper_cache = _PACKAGED
         return _reaper_cache
-    import hashlib
+    from ._hash import sha256
 
     with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        digest = sha256(f.read()).hexdigest()[:16]
     target = os.path.join(_cache_dir(), f"reaper-{digest}-{os.uname().machine}")
     if not os.access(target, os.X_OK):
         build_reaper(_SOURCE, target)
