@@ -61,13 +61,16 @@ static long long cpu_soft = -1;
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...) {
-    char buf[512];
+    char buf[4096];
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
     if (n <= 0 || status_fd < 0) return;
-    if (n >= (int)sizeof buf) n = sizeof buf - 1;
+    if (n >= (int)sizeof buf) { /* never leave a line unterminated */
+        n = sizeof buf - 1;
+        buf[n - 1] = '\n';
+    }
     ssize_t off = 0;
     while (off < n) {
         ssize_t w = write(status_fd, buf + off, n - off);
@@ -127,21 +130,27 @@ static int collect(pid_t root, pid_t *out, int max) {
 
 static pid_t pids[MAX_PIDS];
 
-/* Signal every descendant; returns how many were signalled and reports them
- * ("s SIG pid...") when `report` is set or anything was signalled. */
+/* Signal every descendant; returns how many were signalled.  Reports them as
+ * "s SIG pid..." lines (several when they do not fit one) when `report` is set or
+ * anything was signalled. */
 static int signal_tree(int sig, int report) {
     if (cmd_pid > 0) kill(-cmd_pid, sig); /* the command's group, atomic against fork */
     int n = collect(getpid(), pids, MAX_PIDS);
-    char line[4096];
+    char line[2048];
     int off = snprintf(line, sizeof line, "s %d", sig);
-    int count = 0;
+    int count = 0, pending = 0;
     for (int i = 1; i < n; i++) {
-        if (kill(pids[i], sig) == 0) {
-            count++;
-            if (off < (int)sizeof line - 16) off += snprintf(line + off, sizeof line - off, " %d", (int)pids[i]);
+        if (kill(pids[i], sig) != 0) continue;
+        count++;
+        pending = 1;
+        off += snprintf(line + off, sizeof line - off, " %d", (int)pids[i]);
+        if (off > (int)sizeof line - 16) {
+            say("%s\n", line);
+            off = snprintf(line, sizeof line, "s %d", sig);
+            pending = 0;
         }
     }
-    if (report || count) say("%s\n", line);
+    if (pending || (report && count == 0)) say("%s\n", line);
     return count;
 }
 

@@ -17,8 +17,9 @@ import time
 
 from ._plan import RunPlan
 from .errors import SupervisorError
-from .result import RunResult, Violation, iso_time
+from .result import UNITS, RunResult, Violation, iso_time
 from .spawn import Child, build_env, spawn
+from .watch import Sample, TreeSampler, next_interval
 
 # typing costs ~5 ms to import; mypy honours any constant named TYPE_CHECKING.
 TYPE_CHECKING = False
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
     from .audit import AuditLog
     from .policy import Policy
+
+# Fractions of a limit that raise a warning, once each per run (budget.alerts will set them).
+ALERTS = (0.8, 0.9)
 
 _SIGNAL_LIMIT: dict[int, str] = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size"}
 
@@ -153,7 +157,9 @@ class Run:
         self._kill_at: float | None = None
         self._forwarded = 0
         self._wstatus: int | None = None
+        self._cmd_cpu = 0.0
         self._warned_limits: set[str] = set()
+        self._alerted: set[tuple[str, float]] = set()
         self.error: SupervisorError | None = None
 
     # -- the public controls -------------------------------------------------------
@@ -201,6 +207,7 @@ class Run:
         try:
             self._log("run_start", detail=self._start_detail())
             self._loop(t0)
+            self._reap_reaper()
         except SupervisorError as e:  # e.g. the audit log failed: fail closed
             self._stop_now()
             self._drain()
@@ -236,13 +243,16 @@ class Run:
         assert child is not None
         wall = self.plan.limit("wall_time")
         wall_at = t0 + wall if wall is not None else None
+        sampler = TreeSampler(child.reaper_pid)
+        prev: Sample | None = None
+        # The first sample waits a little: a command that is over in 10 ms costs nothing.
+        sample_at = t0 + 0.01
         poller = select.poll()
         poller.register(child.status_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         buf = b""
         while True:
             now = time.monotonic()
-            deadlines = [d for d in (wall_at, self._kill_at) if d is not None]
             if wall_at is not None and now >= wall_at:
                 wall_at = None
                 self._breach("wall_time", now - t0, wall, "wall clock")
@@ -252,9 +262,15 @@ class Run:
                 child.signal_tree(signal.SIGKILL)
                 self._sent_by_us.add(signal.SIGKILL)
                 continue
-            timeout = None if not deadlines else max(0.0, min(deadlines) - now)
-            events = poller.poll(None if timeout is None else timeout * 1000 + 0.5)
-            for fd, _ in events:
+            if now >= sample_at:
+                cur = sampler.sample(now)
+                watched = self._on_sample(cur, now - t0)
+                sample_at = now + next_interval(prev, cur, watched)
+                prev = cur
+                continue
+            deadlines = [d for d in (wall_at, self._kill_at, sample_at) if d is not None]
+            timeout = max(0.0, min(deadlines) - now)
+            for fd, _ in poller.poll(timeout * 1000 + 0.5):
                 if fd == self._wake_r:
                     self._on_wake()
                     continue
@@ -266,6 +282,60 @@ class Run:
                 for line in lines:
                     if self._on_line(line, t0):
                         return
+
+    def _on_sample(self, cur: Sample, elapsed: float) -> list[tuple[str, float, float]]:
+        """Fold one tree sample into the usage peaks, alerts and breaches."""
+        u = self.result.usage
+        u.peak_memory = max(u.peak_memory, cur.rss)
+        u.peak_processes = max(u.peak_processes, cur.processes)
+        u.peak_open_files = max(u.peak_open_files, cur.max_fds)
+        u.cpu_time = max(u.cpu_time, cur.cpu)
+        lim = self.plan.limits
+        watched: list[tuple[str, float, float]] = []
+        for name, used, how in (
+            ("memory", cur.rss, "tree RSS"),
+            ("processes", cur.processes, "live processes in the tree"),
+            ("cpu_time", cur.cpu, "tree CPU"),
+            ("wall_time", elapsed, "wall clock"),
+        ):
+            limit = lim.get(name)
+            if limit is None:
+                continue
+            watched.append((name, used, limit))
+            if used > limit:
+                self._breach(name, used, limit, how)
+            else:
+                self._alert(name, used, limit)
+        return watched
+
+    def _alert(self, limit: str, used: float, value: float) -> None:
+        """At each alert fraction of a limit, once per run: the hook, the log, the result."""
+        for frac in ALERTS:
+            key = (limit, frac)
+            if used < frac * value or key in self._alerted:
+                continue
+            self._alerted.add(key)
+            message = (
+                f"{limit} at {frac:.0%} of its limit: {_fmt(limit, used)} of {_fmt(limit, value)}"
+            )
+            warning = {
+                "limit": limit,
+                "fraction": frac,
+                "observed": used,
+                "limit_value": value,
+                "message": message,
+            }
+            self.result.warnings.append(warning)
+            self._log(
+                "warning",
+                limit=limit,
+                observed=used,
+                limit_value=value,
+                unit=UNITS.get(limit),
+                action="alert",
+                detail=message,
+            )
+            _call_hook(self.sup.on_warning, warning)
 
     def _on_wake(self) -> None:
         try:
@@ -283,7 +353,13 @@ class Run:
 
     def _on_line(self, line: bytes, t0: float) -> bool:
         """Handle one reaper line; True when the tree is empty."""
-        parts = line.split()
+        try:
+            return self._parse_line(line.split())
+        except (ValueError, IndexError):  # a line we cannot read must not end supervision
+            print(f"supervise: unexpected line from the reaper: {line[:80]!r}", file=sys.stderr)
+            return False
+
+    def _parse_line(self, parts: list[bytes]) -> bool:
         if not parts:
             return False
         kind = parts[0]
@@ -291,7 +367,8 @@ class Run:
             return True
         if kind == b"X":
             self._wstatus = int(parts[2])
-            self.result.usage.cpu_time = (int(parts[3]) + int(parts[4])) / 1e6
+            self._cmd_cpu = (int(parts[3]) + int(parts[4])) / 1e6
+            self.result.usage.cpu_time = max(self.result.usage.cpu_time, self._cmd_cpu)
             self.result.usage.peak_memory = max(self.result.usage.peak_memory, int(parts[5]) * 1024)
             self._on_command_exit(self._wstatus)
         elif kind == b"R":
@@ -305,7 +382,7 @@ class Run:
         if os.WIFSIGNALED(wstatus):
             sig = os.WTERMSIG(wstatus)
             assert self.child is not None
-            self._on_kernel_kill(self.child.pid, wstatus, self.result.usage.cpu_time)
+            self._on_kernel_kill(self.child.pid, wstatus, self._cmd_cpu)
             if sig not in self._sent_by_us and self.result.violation is None:
                 pass  # a signal we did not send: reported as 128+N in _finish
         # Nothing outlives the run: sweep what the command left behind.
@@ -398,14 +475,29 @@ class Run:
             except OSError:
                 return
 
+    def _reap_reaper(self) -> None:
+        """Wait for the reaper; its rusage holds the CPU of every process of the tree."""
+        child = self.child
+        if child is None or child.reaper_pid <= 0:
+            return
+        try:
+            _, _, ru = os.wait4(child.reaper_pid, 0)
+        except ChildProcessError:
+            return
+        finally:
+            child.reaper_pid = 0
+        u = self.result.usage
+        u.cpu_time = max(u.cpu_time, ru.ru_utime + ru.ru_stime)
+
     def _close(self) -> None:
         child = self.child
         if child is not None:
             child.close()
-            try:
-                os.waitpid(child.reaper_pid, 0)
-            except ChildProcessError:
-                pass
+            if child.reaper_pid > 0:
+                try:
+                    os.waitpid(child.reaper_pid, 0)
+                except ChildProcessError:
+                    pass
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -447,7 +539,7 @@ class Run:
         return res
 
     def _check_after_exit(self) -> None:
-        """Under ``warn`` the CPU rlimit is not set: compare the total once at the end."""
+        """The tree's exact CPU total (from the reaper's rusage) against cpu_time, at the end."""
         cpu = self.plan.limit("cpu_time")
         used = self.result.usage.cpu_time
         if cpu is not None and used > cpu and self.result.violation is None:
