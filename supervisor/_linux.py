@@ -6,7 +6,6 @@ Every probe is a real syscall or a kernel file, never a guess from the version n
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 from typing import Any
@@ -21,6 +20,8 @@ _libc: Any = None
 
 def _syscall(*args: int | None) -> tuple[int, int]:
     """A raw syscall: (return value, errno)."""
+    import ctypes
+
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)

@@ -22,7 +22,11 @@
  *
  * Arguments: key=value words, then "--", then the command:
  *   status=FD ctl=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N] [nofile=N] [oom=N]
- *   [cwd=DIR] [pass=FD]... -- argv...
+ *   [nproc=N] [cwd=DIR] [pass=FD]... -- argv...
+ *
+ * nproc=N puts the command in a new user namespace (mapping only its own uid and gid)
+ * and sets RLIMIT_NPROC there: since Linux 5.14 the count is per namespace, so it
+ * counts the tree's tasks only, not every process of the user on the host.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -34,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -183,7 +188,7 @@ static void fail_child(int errfd, const char *step) {
 
 int main(int argc, char **argv) {
     pid_t ppid = 0;
-    long long cpu_hard = -1, as = -1, fsize = -1, nofile = -1, oom = -1000000;
+    long long cpu_hard = -1, as = -1, fsize = -1, nofile = -1, nproc = -1, oom = -1000000;
     const char *cwd = NULL;
     int pass[MAX_PASS], npass = 0, i;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
@@ -196,6 +201,7 @@ int main(int argc, char **argv) {
         else if (!strncmp(a, "fsize=", 6)) fsize = atoll(a + 6);
         else if (!strncmp(a, "nofile=", 7)) nofile = atoll(a + 7);
         else if (!strncmp(a, "oom=", 4)) oom = atoll(a + 4);
+        else if (!strncmp(a, "nproc=", 6)) nproc = atoll(a + 6);
         else if (!strncmp(a, "cwd=", 4)) cwd = a + 4;
         else if (!strncmp(a, "pass=", 5) && npass < MAX_PASS) pass[npass++] = atoi(a + 5);
         else {
@@ -275,6 +281,28 @@ int main(int argc, char **argv) {
         if (nofile >= 0) {
             rl.rlim_cur = rl.rlim_max = nofile;
             if (setrlimit(RLIMIT_NOFILE, &rl) != 0) fail_child(errpipe[1], "rlimit_nofile");
+        }
+        /* Where user namespaces are refused (sysctl, LSM), the watcher alone counts
+         * processes; the supervisor sees which from /proc/PID/ns/user. */
+        uid_t uid = getuid(); /* before unshare: inside, unmapped ids read as 65534 */
+        gid_t gid = getgid();
+        if (nproc >= 0 && unshare(CLONE_NEWUSER) == 0) {
+            char map[64];
+            int fd, n;
+            if ((fd = open("/proc/self/setgroups", O_WRONLY | O_CLOEXEC)) >= 0) {
+                if (write(fd, "deny", 4) < 0) { /* older kernels have no setgroups file */ }
+                close(fd);
+            }
+            n = snprintf(map, sizeof map, "%u %u 1", (unsigned)uid, (unsigned)uid);
+            if ((fd = open("/proc/self/uid_map", O_WRONLY | O_CLOEXEC)) < 0 || write(fd, map, n) != n)
+                fail_child(errpipe[1], "uid_map");
+            close(fd);
+            n = snprintf(map, sizeof map, "%u %u 1", (unsigned)gid, (unsigned)gid);
+            if ((fd = open("/proc/self/gid_map", O_WRONLY | O_CLOEXEC)) < 0 || write(fd, map, n) != n)
+                fail_child(errpipe[1], "gid_map");
+            close(fd);
+            rl.rlim_cur = rl.rlim_max = nproc;
+            if (setrlimit(RLIMIT_NPROC, &rl) != 0) fail_child(errpipe[1], "rlimit_nproc");
         }
         if (cwd && chdir(cwd) != 0) fail_child(errpipe[1], "chdir");
         sigset_t none;

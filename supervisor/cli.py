@@ -39,6 +39,7 @@ Options:
   --session ID          the session this run belongs to
   --audit FILE          the audit log (default: $XDG_STATE_HOME/supervise/audit.jsonl)
   --json FILE           write the run result as JSON to FILE ('-': stdout, after the child)
+  --live                gauges of every limit on stderr while it runs (on a terminal)
   -q, --quiet           no summary on stderr; errors only
   --version             print the version and exit
   -h, --help            show this message and exit
@@ -62,7 +63,7 @@ _VALUE_OPTIONS = {
 }
 _FLAG_OPTIONS = {"-q": "quiet", "--quiet": "quiet", "--live": "live"}
 # Options of SPEC's command line whose features have not landed yet: refused, not ignored.
-_NOT_YET = {"workspace": "the workspace section", "store": "budgets", "live": "live gauges"}
+_NOT_YET = {"workspace": "the workspace section", "store": "budgets"}
 
 
 class UsageError(Exception):
@@ -160,7 +161,14 @@ def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.signal(s, lambda sig, _frame: run.interrupt(sig)) for s in handled}
     try:
-        result = run.execute()
+        if opts.get("live") and sys.stderr.isatty():
+            from ._live import LiveGauges
+
+            with LiveGauges(plan) as gauges:
+                run.on_sample = gauges.update
+                result = run.execute()
+        else:
+            result = run.execute()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

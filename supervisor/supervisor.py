@@ -17,7 +17,7 @@ import time
 
 from ._plan import RunPlan
 from .errors import SupervisorError
-from .result import UNITS, RunResult, Violation, iso_time
+from .result import UNITS, RunResult, Usage, Violation, iso_time
 from .spawn import Child, build_env, spawn
 from .watch import Sample, TreeSampler, next_interval
 
@@ -56,6 +56,21 @@ def _oom_score_adj() -> int:
     except (OSError, ValueError):
         own = 0
     return min(1000, own + 500)
+
+
+def _process_cap(processes: int | None) -> int | None:
+    """The kernel backstop for ``processes``: RLIMIT_NPROC in a user namespace, or None.
+
+    RLIMIT_NPROC counts threads, not processes, and (outside a user namespace) every
+    process of the user on the host; root is exempt from it.  So it is no exact limit:
+    the watcher counts processes exactly, and the kernel cap, generous enough for
+    threaded programs, only keeps a fork bomb from getting far past it.
+    """
+    if processes is None or os.geteuid() == 0:
+        return None
+    from ._linux import userns_available
+
+    return max(16 * processes, 256) if userns_available() else None
 
 
 def _call_hook(hook: Callable[..., object] | None, *args: object) -> None:
@@ -160,6 +175,8 @@ class Run:
         self._cmd_cpu = 0.0
         self._warned_limits: set[str] = set()
         self._alerted: set[tuple[str, float]] = set()
+        # Called after each tree sample with (usage, current values): --live uses it.
+        self.on_sample: Callable[[Usage, dict[str, float]], object] | None = None
         self.error: SupervisorError | None = None
 
     # -- the public controls -------------------------------------------------------
@@ -193,9 +210,13 @@ class Run:
             if res.agent:
                 env["SUPERVISE_AGENT"] = res.agent
             stdin, stdout, stderr = self.std
+            words = [*plan.rlimit_words(), f"oom={_oom_score_adj()}"]
+            cap = _process_cap(plan.limit("processes"))
+            if cap is not None:
+                words.append(f"nproc={cap}")
             self.child = spawn(
                 self.argv,
-                rlimits=[*plan.rlimit_words(), f"oom={_oom_score_adj()}"],
+                rlimits=words,
                 env=env,
                 cwd=self.cwd,
                 stdin=stdin,
@@ -234,9 +255,23 @@ class Run:
                 "rlimits": plan.rlimit_words(),
                 "reaper": "subreaper+pidfd",
                 "wall_time": plan.limit("wall_time"),
+                "watched": ["memory", "cpu_time", "processes", "open_files"],
+                "processes_kernel_cap": self._kernel_cap(),
                 "landlock": None,
             },
         }
+
+    def _kernel_cap(self) -> str | None:
+        """What caps processes in the kernel, from evidence: the child's user namespace."""
+        cap = _process_cap(self.plan.limit("processes"))
+        if cap is None or self.child is None:
+            return None
+        try:
+            ours = os.readlink("/proc/self/ns/user")
+            theirs = os.readlink(f"/proc/{self.child.pid}/ns/user")
+        except OSError:
+            return None
+        return f"RLIMIT_NPROC={cap} in a user namespace" if ours != theirs else None
 
     def _loop(self, t0: float) -> None:
         child = self.child
@@ -265,6 +300,16 @@ class Run:
             if now >= sample_at:
                 cur = sampler.sample(now)
                 watched = self._on_sample(cur, now - t0)
+                if self.on_sample is not None:
+                    current = {name: used for name, used, _ in watched}
+                    current.update(
+                        memory=cur.rss,
+                        processes=cur.processes,
+                        cpu_time=cur.cpu,
+                        open_files=cur.max_fds,
+                        wall_time=now - t0,
+                    )
+                    _call_hook(self.on_sample, self.result.usage, current)
                 sample_at = now + next_interval(prev, cur, watched)
                 prev = cur
                 continue

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 
-SLOW = 0.25  # seconds between samples while every limit is below half
+SLOW = 0.1  # seconds between samples while every limit is below half
 FAST = 0.02  # at 80% of a limit
 FLOOR = 0.005  # never faster than this
 

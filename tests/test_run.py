@@ -98,8 +98,8 @@ def test_cli_no_command_and_bad_policy_exit_125(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_options_of_features_not_built_yet() -> None:
-    """--workspace, --store and --live are refused clearly rather than silently ignored."""
-    for option in (["--workspace", "/tmp"], ["--store", "sqlite:///x"], ["--live"]):
+    """--workspace and --store are refused clearly rather than silently ignored."""
+    for option in (["--workspace", "/tmp"], ["--store", "sqlite:///x"]):
         done = supervise(*option, "--", "true")
         assert done.returncode == 125 and "not supported yet" in done.stderr
 

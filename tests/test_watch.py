@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import python, tagged_pids, wait_until
+import pytest
+from conftest import GLOBAL_TIMEOUT, python, supervise, tagged_pids, wait_until
 from test_run import events, run
 
 from supervisor import Policy, Supervisor
@@ -189,7 +192,90 @@ def test_sampler_counts_a_tree_and_its_reaped_cpu() -> None:
 def test_next_interval_speeds_up_near_a_limit() -> None:
     """Far from every limit the sampler is slow; near one, or growing fast toward it, fast."""
     a, b = Sample(0.0), Sample(0.1)
-    assert next_interval(None, b, [("memory", 10.0, 100.0)]) == 0.25
+    assert next_interval(None, b, [("memory", 10.0, 100.0)]) == 0.1
     assert next_interval(None, b, [("memory", 85.0, 100.0)]) <= 0.02
     a.rss, b.rss = 10, 50  # 400 units/s toward a limit of 100: 0.125 s left
     assert next_interval(a, b, [("memory", 50.0, 100.0)]) <= 0.125 / 4
+
+
+def test_kernel_process_cap_in_a_user_namespace_counts_only_the_tree() -> None:
+    """As an unprivileged user, RLIMIT_NPROC in the reaper's user namespace caps the tree.
+
+    Run as nobody (root is exempt from RLIMIT_NPROC): the fork loop is refused (EAGAIN)
+    at the cap, although nobody's other processes on the host are not counted.
+    """
+    import shutil
+
+    from supervisor._linux import userns_available
+    from supervisor.spawn import reaper_path
+
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not userns_available():
+        pytest.skip("needs root (to become nobody), setpriv and user namespaces")
+    reaper = reaper_path()
+    work = Path(tempfile.mkdtemp())
+    copy = work / "reaper"
+    shutil.copy(reaper, copy)
+    work.chmod(0o755)
+    loop = (
+        "import os, time\nn = 0\ntry:\n    while True:\n"
+        "        if os.fork() == 0:\n            time.sleep(2); os._exit(0)\n"
+        "        n += 1\nexcept OSError as e:\n    print(n, e.errno)\n"
+    )
+    status_r, status_w = os.pipe()
+    ctl_r, ctl_w = os.pipe()
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(copy)]
+    cmd += [f"status={status_w}", f"ctl={ctl_r}", f"ppid={os.getpid()}", "nproc=8", "--"]
+    cmd += ["/usr/bin/python3", "-c", loop]
+    try:
+        done = subprocess.run(
+            cmd, pass_fds=(status_w, ctl_r), capture_output=True, text=True, timeout=30
+        )
+    finally:
+        for fd in (status_r, status_w, ctl_r, ctl_w):
+            os.close(fd)
+        shutil.rmtree(work)
+    forks, err = done.stdout.split()
+    assert (int(forks), int(err)) == (7, 11)  # 8 tasks: python and 7 children, then EAGAIN
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], GLOBAL_TIMEOUT)
+        if not ready:
+            return out
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other side of the pty is closed
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_live_gauges_render_on_a_terminal() -> None:
+    """--live draws a gauge per limit (used / limit, a bar) on a pseudo-terminal's stderr."""
+    master, slave = os.openpty()
+    code = "import time; x = bytearray(50 << 20); time.sleep(0.8)"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "--live", "--", *python(code)],
+        stderr=slave,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "COLUMNS": "100", "TERM": "xterm"},
+    )
+    os.close(slave)
+    try:
+        screen = _read_all(master).decode(errors="replace")
+    finally:
+        os.close(master)
+    assert proc.wait(timeout=GLOBAL_TIMEOUT) == 0
+    for gauge in ("wall_time", "cpu_time", "memory", "processes", "open_files"):
+        assert gauge in screen
+    assert "/ 2.0 GiB" in screen and "━" in screen  # memory against the default 2 GiB
+
+
+def test_live_is_off_when_stderr_is_not_a_terminal() -> None:
+    """--live with stderr to a pipe prints only the summary, no gauges."""
+    done = supervise("--live", "--", "true")
+    assert done.returncode == 0
+    assert "━" not in done.stderr and done.stderr.startswith("supervise: run ")
