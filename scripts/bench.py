@@ -147,6 +147,114 @@ def exit_latency(audit: str) -> None:
     )
 
 
+def watching_cost(audit: str) -> None:
+    """Supervisor CPU (all its threads) while a child sleeps."""
+    secs = 3 if QUICK else 10
+    sup = Supervisor(Policy.default(), audit=audit)
+    before = time.process_time()
+    t = time.monotonic()
+    sup.run(["sleep", str(secs)])
+    used = time.process_time() - before
+    share = used / (time.monotonic() - t) * 100
+    rows.append(
+        (
+            f"supervisor CPU watching a sleeping child for {secs} s",
+            "-",
+            f"{used * 1000:.0f} ms of CPU",
+            f"{share:.3f}% of one core (target <= 0.5%)",
+        )
+    )
+
+
+HOG = """
+import os, sys, time
+rate = 100 << 20
+page = os.sysconf("SC_PAGE_SIZE")
+chunks, start = [], time.monotonic()
+while True:
+    chunks.append(b"x" * (1 << 20))
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * page
+    print(time.monotonic(), rss, flush=True)
+    time.sleep(max(0.0, start + len(chunks) * (1 << 20) / rate - time.monotonic()))
+"""
+
+
+def memory_overshoot(audit: str) -> None:
+    """A child allocating 100 MB/s against a 256 MiB limit: overshoot and detection latency."""
+    limit = 256 << 20
+    caught: list[float] = []
+    policy = Policy.from_dict({"limits": {"memory": limit}, "grace": 0})
+    sup = Supervisor(policy, audit=audit, on_violation=lambda v: caught.append(time.monotonic()))
+    over, late = [], []
+    for _ in range(3 if QUICK else 7):
+        caught.clear()
+        r, w = os.pipe()
+        result = sup.run([sys.executable, "-c", HOG, str(limit)], stdout=w)
+        os.close(w)
+        with os.fdopen(r) as f:
+            log = [(float(t), int(rss)) for t, rss in (line.split() for line in f)]
+        # When the child crossed the limit: its first report over it, or (killed before it
+        # could report) its last report plus the time to grow the rest at 100 MB/s.
+        over_at = [t for t, rss in log if rss > limit]
+        last_t, last_rss = log[-1]
+        crossed = over_at[0] if over_at else last_t + (limit - last_rss) / (100 << 20)
+        assert result.violation is not None and result.violation.limit == "memory"
+        over.append((result.usage.peak_memory - limit) / limit * 100)
+        late.append((caught[0] - crossed) * 1000)
+    rows.append(
+        (
+            "memory overshoot past 256 MiB, child allocating 100 MB/s",
+            "-",
+            f"{statistics.median(over):.1f}% (worst {max(over):.1f}%)",
+            "peak tree RSS seen over the limit (target <= 10%)",
+        )
+    )
+    rows.append(
+        (
+            "detection latency for that breach",
+            "-",
+            f"{statistics.median(late):.1f} ms (worst {max(late):.1f} ms)",
+            "from the child crossing to the violation (target <= 100 ms)",
+        )
+    )
+
+
+def sampling_cost() -> None:
+    """One tree sample, per process, against a bare psutil loop over the same tree."""
+    import psutil
+
+    from supervisor.watch import TreeSampler
+
+    for n in (1, 10, 100):
+        script = " ".join(["sleep 30 &"] * n) + " wait"
+        with subprocess.Popen(["sh", "-c", script]) as root:
+            sampler = TreeSampler(root.pid)
+            while len(sampler.pids()) < n:
+                time.sleep(0.01)
+            ours = median_ms(lambda s=sampler: s.sample(0.0), n=50) * 1000 / n
+
+            def bare(pid: int = root.pid) -> None:
+                for p in psutil.Process(pid).children(recursive=True):
+                    with p.oneshot():
+                        p.memory_info()
+                        p.cpu_times()
+                        p.num_fds()
+
+            base = median_ms(bare, n=50) * 1000 / n
+            for p in sampler.pids():
+                os.kill(p, 9)
+            root.kill()
+        rows.append(
+            (
+                f"sampling cost, tree of {n}",
+                f"psutil loop {base:.1f} us/process",
+                f"{ours:.1f} us/process",
+                f"{ours / base:.2f}x",
+            )
+        )
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         audit = os.path.join(tmp, "audit.jsonl")
@@ -159,6 +267,9 @@ def main() -> None:
         del ballast
         deadline(audit)
         exit_latency(audit)
+        watching_cost(audit)
+        memory_overshoot(audit)
+        sampling_cost()
     print(f"supervise benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, n={N}")
     print()
     print("| figure | baseline (same run) | supervise | ratio / note |")

@@ -153,7 +153,7 @@ def test_peak_open_files_is_the_most_one_process_held() -> None:
     """usage.peak_open_files is the most fds any one process of the tree held."""
     code = (
         "import os, time\nfds = [os.open('/dev/null', os.O_RDONLY) for _ in range(50)]\n"
-        "time.sleep(0.5)"
+        "time.sleep(1.5)"
     )
     result = run(python(code))
     assert 53 <= result.usage.peak_open_files <= 60
