@@ -110,9 +110,11 @@ def doctor(as_json: bool) -> None:
         click.echo(json.dumps(caps, sort_keys=True))
         return
     width = max(len(k) for k in caps)
-    for key, value in caps.items():
-        shown = value if isinstance(value, str) else json.dumps(value)
-        click.echo(f"{key:<{width}}  {shown}")
+    for key, row in caps.items():
+        mark = "yes" if row["available"] else "no "
+        click.echo(f"{key:<{width}}  {mark}  {row['detail']}")
+        if row["fallback"]:
+            click.echo(f"{'':<{width}}       fallback: {row['fallback']}")
 
 
 def commands(args: list[str]) -> int:

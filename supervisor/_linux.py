@@ -67,32 +67,51 @@ def cgroup_v2() -> str | None:
         return None
 
 
-def _rlimit(name: str) -> str:
-    soft, hard = resource.getrlimit(getattr(resource, name))
-
-    def show(v: int) -> str:
-        return "unlimited" if v == resource.RLIM_INFINITY else str(v)
-
-    return f"soft {show(soft)}, hard {show(hard)}"
-
-
-def capabilities() -> dict[str, Any]:
-    """What ``supervise doctor`` reports: each mechanism and whether it is enforced here."""
+def capabilities() -> dict[str, dict[str, Any]]:
+    """What ``supervise doctor`` reports: per mechanism, whether it is available here,
+    what was found, and what supervise falls back to without it."""
     from .spawn import reaper_path
 
+    def row(available: bool, detail: str, fallback: str | None = None) -> dict[str, Any]:
+        return {
+            "available": available,
+            "detail": detail,
+            "fallback": None if available else fallback,
+        }
+
     try:
-        reaper = reaper_path()
+        reaper = row(True, reaper_path())
     except Exception as e:  # doctor reports, it does not fail
-        reaper = f"missing: {e}"
+        reaper = row(False, str(e), "none: supervise cannot run commands")
     abi = landlock_abi()
+    userns = userns_available()
+    root = os.geteuid() == 0
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    cgroups = cgroup_v2()
     return {
-        "kernel": os.uname().release,
+        "kernel": row(True, os.uname().release),
         "reaper_helper": reaper,
-        "rlimits": "CPU, AS, FSIZE, NOFILE: set in the child before exec",
-        "rlimit_nofile_here": _rlimit("RLIMIT_NOFILE"),
-        "pidfd": "yes: the reaper sees the supervisor die" if has_pidfd() else "no: pipe EOF only",
-        "subreaper": "yes: the reaper is PR_SET_CHILD_SUBREAPER",
-        "landlock_abi": abi if abi is not None else "none (the workspace jail falls back)",
-        "user_namespaces": "yes" if userns_available() else "no",
-        "cgroup_v2": cgroup_v2() or "none",
+        "rlimits": row(True, f"CPU, AS, FSIZE, NOFILE in the child (NOFILE hard here: {hard})"),
+        "pidfd": row(
+            has_pidfd(),
+            "the reaper watches supervise through a pidfd",
+            "EOF on the control pipe only (a forked copy of an embedding program delays it)",
+        ),
+        "subreaper": row(True, "the reaper is PR_SET_CHILD_SUBREAPER: escapees come back"),
+        "user_namespaces": row(userns, "unprivileged user namespaces", "none needed so far"),
+        "process_cap": row(
+            userns and not root,
+            "RLIMIT_NPROC in a user namespace backs up limits.processes",
+            "root is exempt from RLIMIT_NPROC: the watcher alone counts processes"
+            if root
+            else "no user namespaces: the watcher alone counts processes",
+        ),
+        "landlock": row(
+            abi is not None,
+            f"ABI {abi}" if abi is not None else "not in this kernel",
+            "no kernel path jail (the workspace issue decides: auto falls back, required fails)",
+        ),
+        "cgroup_v2": row(
+            cgroups is not None, cgroups or "no v2 hierarchy", "not used: the watcher reads /proc"
+        ),
     }
