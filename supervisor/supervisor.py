@@ -163,8 +163,9 @@ class Run:
         self.result = RunResult(os.urandom(8).hex(), agent or self.plan.agent, session, argv)
         self.child: Child | None = None
         self.audit: AuditLog | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_r = self._wake_w = -1  # made by execute(), so an unrun Run holds no fds
         self._pending_signal = 0
+        self._logged_start = False
         self._stopping = False  # we have signalled the tree (stop or sweep)
         self._sent_by_us: set[int] = set()
         self._term_pids: set[int] = set()
@@ -184,10 +185,11 @@ class Run:
     def interrupt(self, sig: int) -> None:
         """Forward ``sig`` to the tree and stop it after ``grace`` (async-signal-safe)."""
         self._pending_signal = sig
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"!")
+            except OSError:
+                pass
 
     # -- the lifecycle -----------------------------------------------------------
 
@@ -195,6 +197,9 @@ class Run:
         """Run to the end (blocking) and return the RunResult."""
         t0 = time.monotonic()
         self.result.started_at = iso_time(time.time())
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self._pending_signal:  # interrupted before it started
+            os.write(self._wake_w, b"!")
         try:
             return self._execute(t0)
         finally:
@@ -227,6 +232,7 @@ class Run:
             return self._failed(e, t0)
         try:
             self._log("run_start", detail=self._start_detail())
+            self._logged_start = True
             self._loop(t0)
             self._reap_reaper()
         except SupervisorError as e:  # e.g. the audit log failed: fail closed
@@ -544,10 +550,12 @@ class Run:
                 except ChildProcessError:
                     pass
         for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = -1
 
     # -- the result ----------------------------------------------------------------
 
@@ -598,7 +606,7 @@ class Run:
         res.ended_at = iso_time(time.time())
         res.error = str(error)
         self.error = error
-        if self.audit is not None:
+        if self.audit is not None and not self._logged_start:
             try:
                 self._log("run_start", detail={"command": self.argv, "error": str(error)})
             except SupervisorError:
