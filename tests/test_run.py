@@ -487,6 +487,17 @@ def test_audit_records_run_start_and_run_end(audit_log: Path) -> None:
     assert verify([audit_log]).ok
 
 
+def test_unwritable_audit_log_fails_before_the_child_runs(tmp_path: Path) -> None:
+    """An audit log that cannot be written is supervise's failure (125): nothing runs."""
+    marker = tmp_path / "ran"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = supervise("--audit", str(blocker / "audit.jsonl"), "--", "touch", str(marker))
+    assert done.returncode == 125
+    assert "audit" in done.stderr and str(blocker) in done.stderr
+    assert not marker.exists()
+
+
 def test_cli_audit_verify_names_the_first_bad_line(audit_log: Path) -> None:
     """supervise audit --verify passes on a real log and names the line after an edit."""
     for _ in range(2):

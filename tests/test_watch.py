@@ -105,6 +105,27 @@ def test_tree_cpu_time_off_passes() -> None:
     assert result.usage.cpu_time >= 2.0
 
 
+def test_cpu_of_a_setsid_escapee_is_counted(no_leftovers: str) -> None:
+    """A double-forked setsid grandchild's CPU counts toward the tree's cpu_time."""
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        end = time.process_time() + 0.8\n"
+        "        while time.process_time() < end: pass\n"
+        "        time.sleep(30)\n"
+        "    os._exit(0)\n"
+        "time.sleep(30)\n"
+    )
+    # RLIMIT_CPU is 1 s per process here (0.5 s rounded up): the escapee stays under it,
+    # so only the tree count, which includes it, sees the breach.
+    result = run(python(code), cpu_time="0.5s", wall_time="20s")
+    assert result.exit_code == 124 and result.violation.limit == "cpu_time"
+    assert "tree CPU" in result.violation.message
+    assert tagged_pids(no_leftovers) == []
+
+
 # -- processes --------------------------------------------------------------------------
 
 SLEEPERS = (
