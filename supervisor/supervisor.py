@@ -326,13 +326,45 @@ class Run:
                     self._on_wake()
                     continue
                 chunk = os.read(child.status_fd, 65536)
-                if not chunk:
+                if not chunk:  # the reaper is gone without saying the tree is empty
+                    self._reaper_lost(prev)
                     return
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
                     if self._on_line(line, t0):
                         return
+
+    def _reaper_lost(self, last: Sample | None) -> None:
+        """The reaper died before the tree was empty (killed by the command?).
+
+        Its orphans went to init: kill every process of the last sample, what they started
+        since, and (a scan of /proc, on this rare path only) every process still in the
+        command's session; then fail the run (125): the tree can no longer be vouched for.
+        """
+        from .watch import _children, _session_members
+
+        todo = list(last.pids) if last is not None else []
+        if self.child is not None:
+            todo.append(self.child.pid)
+            todo.extend(_session_members(self.child.pid))
+        killed = 0
+        seen: set[int] = set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            todo.extend(_children(pid))
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        raise SupervisorError(
+            "the reaper helper died before the tree was empty (was it killed by the command?); "
+            f"killed {killed} process{'es' if killed != 1 else ''} left of the tree"
+        )
 
     def _on_sample(self, cur: Sample, elapsed: float) -> list[tuple[str, float, float]]:
         """Fold one tree sample into the usage peaks, alerts and breaches."""

@@ -425,6 +425,15 @@ def test_supervise_sigkilled_leaves_nothing_alive(no_leftovers: str) -> None:
     assert wait_until(lambda: not tagged_pids(no_leftovers), timeout=5)
 
 
+def test_child_that_kills_the_reaper_fails_the_run_and_leaves_nothing(no_leftovers: str) -> None:
+    """A command that SIGKILLs its parent (the reaper) gets 125, and its tree is killed."""
+    script = "sleep 100 & setsid sleep 100 & sleep 0.5; kill -9 $PPID; sleep 100"
+    result = run(["sh", "-c", script], wall_time="20s")
+    assert (result.status, result.exit_code) == ("failed", 125)
+    assert "reaper helper died" in result.error
+    assert wait_until(lambda: not tagged_pids(no_leftovers), timeout=5)
+
+
 def test_sigint_to_supervise_is_forwarded_to_the_tree() -> None:
     """SIGINT to supervise reaches the child, which handles it: the status is the child's."""
     code = (
