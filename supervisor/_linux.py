@@ -59,12 +59,18 @@ def userns_available() -> bool:
 
 
 def cgroup_v2() -> str | None:
-    """The cgroup v2 controllers available at the root, or None without a v2 hierarchy."""
+    """This process's cgroup v2 directory and whether it is delegated (writable), or None
+    without a v2 hierarchy."""
     try:
         with open("/sys/fs/cgroup/cgroup.controllers") as f:
-            return f.read().strip() or "(none)"
+            controllers = f.read().strip() or "no controllers"
+        with open("/proc/self/cgroup") as f:
+            path = next((line[3:].strip() for line in f if line.startswith("0::")), "/")
     except OSError:
         return None
+    where = "/sys/fs/cgroup" + path
+    delegated = os.access(os.path.join(where, "cgroup.procs"), os.W_OK)
+    return f"{where} ({controllers}; {'delegated' if delegated else 'not writable'})"
 
 
 def capabilities() -> dict[str, dict[str, Any]]:
