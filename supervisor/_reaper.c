@@ -11,10 +11,13 @@
  *   - forks the command, which in its own session applies the rlimits, a raised
  *     oom_score_adj and PR_SET_PDEATHSIG(SIGKILL) (its parent is this single-threaded
  *     process, so the "thread that forked" caveat does not apply), then execs;
- *   - reports setup failures as "E step errno", the command's pid as "P pid", its
- *     death as "X pid wstatus utime_us stime_us maxrss_kb", descendants killed by
- *     SIGXCPU/SIGXFSZ (or SIGKILL at the RLIMIT_CPU hard limit) as "R pid wstatus",
- *     and "D" when no descendant is left; all on the status fd;
+ *   - reports setup failures as "E step errno", the command's pid as
+ *     "P pid pidfd scoped" (pidfd: it watches the supervisor through a pidfd; scoped: the
+ *     tree cannot signal outside itself), its death as
+ *     "X pid wstatus utime_us stime_us maxrss_kb own_cpu_us", descendants killed by
+ *     SIGXCPU/SIGXFSZ (or SIGKILL at the RLIMIT_CPU hard limit) as "R pid wstatus cpu_us",
+ *     and "D own_cpu_us" when no descendant is left; all on the status fd, a socket
+ *     (a pipe could be reopened through /proc/PID/fd by the tree, and forged);
  *   - obeys "s SIG" lines on the control fd (signal the whole tree, replying
  *     "s SIG pid..."; SIGKILL is repeated until the tree is empty);
  *   - when the supervisor dies (pidfd of the parent readable, or EOF on the control
@@ -22,7 +25,11 @@
  *
  * Arguments: key=value words, then "--", then the command:
  *   status=FD ctl=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N] [nofile=N] [oom=N]
- *   [nproc=N] [cwd=DIR] [pass=FD]... -- argv...
+ *   [nproc=N] [scope=1] [cwd=DIR] [pass=FD]... -- argv...
+ *
+ * scope=1 puts the command in a Landlock domain that only scopes signals (ABI >= 6):
+ * nothing of the tree can stop, kill or ptrace the reaper or the supervisor.  It needs
+ * no_new_privs, so setuid binaries do not gain privileges in the tree.
  *
  * nproc=N puts the command in a new user namespace (mapping only its own uid and gid)
  * and sets RLIMIT_NPROC there: since Linux 5.14 the count is per namespace, so it
@@ -53,6 +60,13 @@
 #ifndef SYS_close_range
 #define SYS_close_range 436
 #endif
+#ifndef SYS_landlock_create_ruleset
+#define SYS_landlock_create_ruleset 444
+#endif
+#ifndef SYS_landlock_restrict_self
+#define SYS_landlock_restrict_self 446
+#endif
+#define LANDLOCK_SCOPE_SIGNAL_BIT (1ULL << 1)
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
@@ -159,24 +173,56 @@ static int signal_tree(int sig, int report) {
     return count;
 }
 
+/* A zombie's own CPU time (not its reaped children's), from /proc/PID/stat, in us. */
+static long long own_cpu_us(pid_t p) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)p);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    char *q = strrchr(buf, ')');
+    if (!q) return -1;
+    unsigned long long ut = 0, st = 0;
+    /* after ")": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime */
+    if (sscanf(q + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    return (long long)(ut + st) * 1000000LL / sysconf(_SC_CLK_TCK);
+}
+
 static void reap(int *cmd_done) {
     for (;;) {
+        siginfo_t info;
+        memset(&info, 0, sizeof info);
+        /* Peek first (WNOWAIT): the zombie's own CPU is readable until it is reaped. */
+        if (waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) != 0 || info.si_pid == 0) return;
+        pid_t p = info.si_pid;
+        long long own = own_cpu_us(p);
         int st;
         struct rusage ru;
-        pid_t p = wait4(-1, &st, WNOHANG, &ru);
-        if (p <= 0) return;
+        if (wait4(p, &st, 0, &ru) != p) return;
         long long ut = (long long)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
         long long stt = (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
         if (p == cmd_pid) {
-            say("X %d %d %lld %lld %ld\n", (int)p, st, ut, stt, ru.ru_maxrss);
+            say("X %d %d %lld %lld %ld %lld\n", (int)p, st, ut, stt, ru.ru_maxrss, own);
             *cmd_done = 1;
         } else if (WIFSIGNALED(st)) {
             int sig = WTERMSIG(st);
+            /* SIGKILL counts as the RLIMIT_CPU hard limit only from the process's own CPU. */
             if (sig == SIGXCPU || sig == SIGXFSZ ||
-                (sig == SIGKILL && cpu_soft >= 0 && ut + stt >= cpu_soft * 1000000LL))
-                say("R %d %d %lld\n", (int)p, st, ut + stt);
+                (sig == SIGKILL && cpu_soft >= 0 && own >= cpu_soft * 1000000LL))
+                say("R %d %d %lld\n", (int)p, st, own);
         }
     }
+}
+
+static long long self_cpu_us(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (long long)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000LL +
+           ru.ru_utime.tv_usec + ru.ru_stime.tv_usec;
 }
 
 static void fail_child(int errfd, const char *step) {
@@ -189,6 +235,7 @@ static void fail_child(int errfd, const char *step) {
 int main(int argc, char **argv) {
     pid_t ppid = 0;
     long long cpu_hard = -1, as = -1, fsize = -1, nofile = -1, nproc = -1, oom = -1000000;
+    int scope = 0;
     const char *cwd = NULL;
     int pass[MAX_PASS], npass = 0, i;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
@@ -202,6 +249,7 @@ int main(int argc, char **argv) {
         else if (!strncmp(a, "nofile=", 7)) nofile = atoll(a + 7);
         else if (!strncmp(a, "oom=", 4)) oom = atoll(a + 4);
         else if (!strncmp(a, "nproc=", 6)) nproc = atoll(a + 6);
+        else if (!strncmp(a, "scope=", 6)) scope = atoi(a + 6);
         else if (!strncmp(a, "cwd=", 4)) cwd = a + 4;
         else if (!strncmp(a, "pass=", 5) && npass < MAX_PASS) pass[npass++] = atoi(a + 5);
         else {
@@ -227,7 +275,16 @@ int main(int argc, char **argv) {
     }
     for (int k = 0; k < npass; k++) fcntl(pass[k], F_SETFD, 0);
 
+    if (scope) { /* signal scoping needs Landlock ABI >= 6; below that the tree is unscoped */
+        long abi = syscall(SYS_landlock_create_ruleset, NULL, 0, 1UL /* VERSION */);
+        if (abi < 6) scope = 0;
+    }
     signal(SIGPIPE, SIG_IGN);
+    /* An embedding program that ignores SIGCHLD passes SIG_IGN on: the kernel would then
+     * reap the command behind our back. */
+    signal(SIGCHLD, SIG_DFL);
+    /* Not dumpable: the tree (same uid) cannot ptrace us or open our /proc/PID/fd. */
+    prctl(PR_SET_DUMPABLE, 0);
     int parent_fd = (int)syscall(SYS_pidfd_open, ppid, 0);
     if (getppid() != ppid) return 125; /* the supervisor died before we started */
     prctl(PR_SET_CHILD_SUBREAPER, 1);
@@ -252,6 +309,9 @@ int main(int argc, char **argv) {
     }
     if (cmd_pid == 0) {
         close(errpipe[0]);
+        /* The reaper is not dumpable; its child must be, or /proc/self/{uid_map,
+         * oom_score_adj} turn root-owned and cannot be written (exec would reset it). */
+        prctl(PR_SET_DUMPABLE, 1);
         if (setsid() < 0) fail_child(errpipe[1], "setsid");
         if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail_child(errpipe[1], "pdeathsig");
         if (getppid() != me) _exit(125);
@@ -304,6 +364,14 @@ int main(int argc, char **argv) {
             rl.rlim_cur = rl.rlim_max = nproc;
             if (setrlimit(RLIMIT_NPROC, &rl) != 0) fail_child(errpipe[1], "rlimit_nproc");
         }
+        if (scope) {
+            struct { unsigned long long fs, net, scoped; } attr = {0, 0, LANDLOCK_SCOPE_SIGNAL_BIT};
+            int rfd = (int)syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
+            if (rfd < 0) fail_child(errpipe[1], "landlock");
+            if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) fail_child(errpipe[1], "no_new_privs");
+            if (syscall(SYS_landlock_restrict_self, rfd, 0) != 0) fail_child(errpipe[1], "landlock");
+            close(rfd);
+        }
         if (cwd && chdir(cwd) != 0) fail_child(errpipe[1], "chdir");
         sigset_t none;
         sigemptyset(&none);
@@ -325,7 +393,7 @@ int main(int argc, char **argv) {
         if (colon) *colon = ' ';
         say("E %s\n", ebuf);
     } else {
-        say("P %d\n", (int)cmd_pid);
+        say("P %d %d %d\n", (int)cmd_pid, parent_fd >= 0, scope);
     }
 
     int cmd_done = 0, orphaned = 0, killing = 0;
@@ -338,12 +406,13 @@ int main(int argc, char **argv) {
             if (waitid(P_ALL, 0, NULL, WEXITED | WNOHANG | WNOWAIT) < 0 && errno == ECHILD) break;
         }
         struct pollfd fds[3];
+        memset(fds, 0, sizeof fds);
         int nf = 0;
         fds[nf].fd = sfd; fds[nf++].events = POLLIN;
         if (!orphaned) { fds[nf].fd = ctl_fd; fds[nf++].events = POLLIN; }
         if (!orphaned && parent_fd >= 0) { fds[nf].fd = parent_fd; fds[nf++].events = POLLIN; }
         int r = poll(fds, nf, (orphaned || killing) ? 10 : -1);
-        if (r < 0 && errno != EINTR) break;
+        if (r < 0 && errno != EINTR) orphaned = 1; /* cannot wait on anything: kill it all */
         if (fds[0].revents) {
             struct signalfd_siginfo si;
             while (read(sfd, &si, sizeof si) == sizeof si) {}
@@ -376,6 +445,6 @@ int main(int argc, char **argv) {
          * may outlive it. */
         if (orphaned || killing) signal_tree(SIGKILL, 0);
     }
-    say("D\n");
+    say("D %lld\n", self_cpu_us());
     return 0;
 }

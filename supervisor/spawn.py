@@ -78,30 +78,39 @@ def reaper_path() -> str:
 
 
 class Child:
-    """A started command: its reaper's pid, the command's pid, and the two pipes."""
+    """A started command: its reaper's pid, the command's pid, and the reaper's socket.
 
-    __slots__ = ("ctl_fd", "pid", "reaper_pid", "status_fd")
+    ``pidfd`` and ``scoped`` say what the reaper could enforce: it watches the supervisor
+    through a pidfd; the tree cannot signal or ptrace outside itself (Landlock scope).
+    """
 
-    def __init__(self, reaper_pid: int, pid: int, status_fd: int, ctl_fd: int) -> None:
+    __slots__ = ("fd", "pid", "pidfd", "reaper_pid", "scoped")
+
+    def __init__(self, reaper_pid: int, fd: int) -> None:
         self.reaper_pid = reaper_pid
-        self.pid = pid
-        self.status_fd = status_fd
-        self.ctl_fd = ctl_fd
+        self.fd = fd  # one socket both ways: status lines in, "s SIG" requests out
+        self.pid = 0
+        self.pidfd = False
+        self.scoped = False
+
+    @property
+    def status_fd(self) -> int:
+        return self.fd
 
     def signal_tree(self, sig: int) -> None:
         """Ask the reaper to send ``sig`` to every process of the tree."""
         try:
-            os.write(self.ctl_fd, b"s %d\n" % sig)
+            os.write(self.fd, b"s %d\n" % sig)
         except OSError:  # the reaper is gone: the tree is already empty
             pass
 
     def close(self) -> None:
-        for fd in (self.status_fd, self.ctl_fd):
+        if self.fd >= 0:
             try:
-                os.close(fd)
+                os.close(self.fd)
             except OSError:
                 pass
-        self.status_fd = self.ctl_fd = -1
+        self.fd = -1
 
 
 def build_env(
@@ -143,10 +152,15 @@ def spawn(
     """
     if not argv:
         raise SpawnError("no command given", step="argv")
+    import _socket  # the C module: socket.py costs milliseconds to import
+
     reaper = reaper_path()
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
-    args = [reaper, f"status={status_w}", f"ctl={ctl_r}", f"ppid={os.getpid()}", *rlimits]
+    # A socket, not pipes: a pipe can be reopened through /proc/PID/fd by any process of
+    # the same uid, so the tree could forge "the tree is empty"; a socket cannot be.
+    ours, theirs = (s.detach() for s in _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM))
+    os.set_inheritable(ours, False)
+    os.set_inheritable(theirs, False)
+    args = [reaper, f"status={theirs}", f"ctl={theirs}", f"ppid={os.getpid()}", *rlimits]
     if cwd is not None:
         args.append(f"cwd={cwd}")
     args += [f"pass={fd}" for fd in pass_fds]
@@ -154,10 +168,7 @@ def spawn(
     args += argv
     # dup2(fd, fd) clears close-on-exec for just this child (glibc >= 2.29), so
     # another thread's spawn cannot inherit these pipes.
-    actions: list[tuple[int, int, int]] = [
-        (os.POSIX_SPAWN_DUP2, status_w, status_w),
-        (os.POSIX_SPAWN_DUP2, ctl_r, ctl_r),
-    ]
+    actions: list[tuple[int, int, int]] = [(os.POSIX_SPAWN_DUP2, theirs, theirs)]
     actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds]
     for target, value in ((0, stdin), (1, stdout), (2, stderr)):
         action = _std_action(target, value)
@@ -166,19 +177,26 @@ def spawn(
     try:
         reaper_pid = os.posix_spawn(reaper, args, env, file_actions=actions)
     except OSError as e:
-        for fd in (status_r, status_w, ctl_r, ctl_w):
-            os.close(fd)
+        os.close(ours)
+        os.close(theirs)
         raise HelperError(f"cannot start the reaper helper {reaper}: {e.strerror}") from e
-    os.close(status_w)
-    os.close(ctl_r)
-    child = Child(reaper_pid, 0, status_r, ctl_w)
-    first = _read_line(status_r)
-    if first.startswith(b"P "):
-        child.pid = int(first[2:])
-        return child
-    # Setup failed: drain the reaper, reap it, and say what happened.
-    while _read_line(status_r):
-        pass
+    os.close(theirs)
+    child = Child(reaper_pid, ours)
+    try:
+        first = _read_line(ours)
+        parts = first.split()
+        if len(parts) == 4 and parts[0] == b"P":
+            child.pid, child.pidfd, child.scoped = int(parts[1]), parts[2] == b"1", parts[3] == b"1"
+            return child
+        # Setup failed: drain the reaper, reap it, and say what happened.
+        while _read_line(ours):
+            pass
+    except BaseException:
+        # Interrupted before the run took over the child: nothing may run unsupervised.
+        child.signal_tree(9)
+        child.close()
+        _reap(reaper_pid)
+        raise
     _reap(reaper_pid)
     child.close()
     raise _setup_error(first, argv, rlimits)

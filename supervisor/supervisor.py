@@ -9,6 +9,7 @@ decides when, and why.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
@@ -18,7 +19,7 @@ import time
 from ._plan import RunPlan
 from .errors import SupervisorError
 from .result import UNITS, RunResult, Usage, Violation, iso_time
-from .spawn import Child, build_env, spawn
+from .spawn import Child, build_env, reaper_path, spawn
 from .watch import Sample, TreeSampler, next_interval
 
 # typing costs ~5 ms to import; mypy honours any constant named TYPE_CHECKING.
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
     from .audit import AuditLog
     from .policy import Policy
+
+# How long the reaper may take to empty the tree after SIGKILL before it is presumed stuck.
+REAPER_DEADLINE = 2.0
 
 # Fractions of a limit that raise a warning, once each per run (budget.alerts will set them).
 ALERTS = (0.8, 0.9)
@@ -171,9 +175,12 @@ class Run:
         self._term_pids: set[int] = set()
         self._kill_pids: set[int] = set()
         self._kill_at: float | None = None
+        self._give_up_at: float | None = None
         self._forwarded = 0
         self._wstatus: int | None = None
         self._cmd_cpu = 0.0
+        self._cmd_own_cpu = 0.0
+        self._reaper_cpu = 0.0
         self._warned_limits: set[str] = set()
         self._alerted: set[tuple[str, float]] = set()
         # Called after each tree sample with (usage, current values): --live uses it.
@@ -195,6 +202,10 @@ class Run:
 
     def execute(self) -> RunResult:
         """Run to the end (blocking) and return the RunResult."""
+        try:
+            reaper_path()  # a first run may build the helper: not on the child's clock
+        except SupervisorError:
+            pass  # spawn() reports it
         t0 = time.monotonic()
         self.result.started_at = iso_time(time.time())
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -215,7 +226,7 @@ class Run:
             if res.agent:
                 env["SUPERVISE_AGENT"] = res.agent
             stdin, stdout, stderr = self.std
-            words = [*plan.rlimit_words(), f"oom={_oom_score_adj()}"]
+            words = [*plan.rlimit_words(), f"oom={_oom_score_adj()}", "scope=1"]
             cap = _process_cap(plan.limit("processes"))
             if cap is not None:
                 words.append(f"nproc={cap}")
@@ -259,7 +270,8 @@ class Run:
             "on_violation": plan.on_violation,
             "enforced": {
                 "rlimits": plan.rlimit_words(),
-                "reaper": "subreaper+pidfd",
+                "reaper": "subreaper+pidfd" if self.child.pidfd else "subreaper+pipe EOF",
+                "signal_scope": "landlock" if self.child.scoped else None,
                 "wall_time": plan.limit("wall_time"),
                 "watched": ["memory", "cpu_time", "processes", "open_files"],
                 "processes_kernel_cap": self._kernel_cap(),
@@ -302,6 +314,16 @@ class Run:
                 self._kill_at = None
                 child.signal_tree(signal.SIGKILL)
                 self._sent_by_us.add(signal.SIGKILL)
+                self._give_up_at = now + REAPER_DEADLINE
+                continue
+            if self._give_up_at is not None and now >= self._give_up_at:
+                # The reaper did not empty the tree in time (stopped?): kill it; its end
+                # of the socket closes and _reaper_lost kills what is left.
+                self._give_up_at = None
+                try:
+                    os.kill(child.reaper_pid, signal.SIGKILL)
+                except OSError:
+                    pass
                 continue
             if now >= sample_at:
                 cur = sampler.sample(now)
@@ -319,7 +341,9 @@ class Run:
                 sample_at = now + next_interval(prev, cur, watched)
                 prev = cur
                 continue
-            deadlines = [d for d in (wall_at, self._kill_at, sample_at) if d is not None]
+            deadlines = [
+                d for d in (wall_at, self._kill_at, self._give_up_at, sample_at) if d is not None
+            ]
             timeout = max(0.0, min(deadlines) - now)
             for fd, _ in poller.poll(timeout * 1000 + 0.5):
                 if fd == self._wake_r:
@@ -446,11 +470,14 @@ class Run:
         if not parts:
             return False
         kind = parts[0]
-        if kind == b"D":
+        assert self.child is not None
+        if kind == b"D" and self._wstatus is not None:
+            self._reaper_cpu = int(parts[1]) / 1e6
             return True
-        if kind == b"X":
+        if kind == b"X" and self._wstatus is None and int(parts[1]) == self.child.pid:
             self._wstatus = int(parts[2])
             self._cmd_cpu = (int(parts[3]) + int(parts[4])) / 1e6
+            self._cmd_own_cpu = int(parts[6]) / 1e6
             self.result.usage.cpu_time = max(self.result.usage.cpu_time, self._cmd_cpu)
             self.result.usage.peak_memory = max(self.result.usage.peak_memory, int(parts[5]) * 1024)
             self._on_command_exit(self._wstatus)
@@ -463,17 +490,18 @@ class Run:
 
     def _on_command_exit(self, wstatus: int) -> None:
         if os.WIFSIGNALED(wstatus):
-            sig = os.WTERMSIG(wstatus)
             assert self.child is not None
-            self._on_kernel_kill(self.child.pid, wstatus, self._cmd_cpu)
-            if sig not in self._sent_by_us and self.result.violation is None:
-                pass  # a signal we did not send: reported as 128+N in _finish
+            self._on_kernel_kill(self.child.pid, wstatus, self._cmd_own_cpu, self._cmd_cpu)
         # Nothing outlives the run: sweep what the command left behind.
         if not self._stopping:
             self._stop(sweep=True)
 
-    def _on_kernel_kill(self, pid: int, wstatus: int, cpu: float) -> None:
-        """A process of the tree died of SIGXCPU/SIGXFSZ, or of SIGKILL at the CPU hard limit."""
+    def _on_kernel_kill(self, pid: int, wstatus: int, cpu: float, shown: float = -1) -> None:
+        """A process of the tree died of SIGXCPU/SIGXFSZ, or of SIGKILL at the CPU hard limit.
+
+        ``cpu`` is the process's own CPU (what RLIMIT_CPU counts), ``shown`` a more precise
+        figure for the message when there is one.
+        """
         if not os.WIFSIGNALED(wstatus):
             return
         sig = os.WTERMSIG(wstatus)
@@ -484,14 +512,15 @@ class Run:
             and sig == signal.SIGKILL
             and signal.SIGKILL not in self._sent_by_us
             and cpu_limit is not None
-            and cpu >= max(1, int(cpu_limit))
+            and cpu >= max(1, math.ceil(cpu_limit))
         ):
             limit = "cpu_time"  # killed by the kernel at the RLIMIT_CPU hard limit
         if limit is None:
             return
         name = signal.Signals(sig).name
         if limit == "cpu_time":
-            self._breach(limit, cpu, cpu_limit, f"{name}, pid {pid}", kernel=True)
+            observed = max(cpu, shown)
+            self._breach(limit, observed, cpu_limit, f"{name}, pid {pid}", kernel=True)
         else:
             value = self.plan.limit("file_size")
             self._breach(limit, None, value, f"a write past it, {name}, pid {pid}", kernel=True)
@@ -537,6 +566,7 @@ class Run:
         if self.plan.grace <= 0:
             self._sent_by_us.add(signal.SIGKILL)
             child.signal_tree(signal.SIGKILL)
+            self._give_up_at = time.monotonic() + REAPER_DEADLINE
         else:
             self._sent_by_us.add(signal.SIGTERM)
             child.signal_tree(signal.SIGTERM)
@@ -548,12 +578,28 @@ class Run:
             self.child.signal_tree(signal.SIGKILL)
 
     def _drain(self) -> None:
-        """Read the status pipe to its end: the reaper exits when the tree is empty."""
-        if self.child is None:
+        """Read the reaper's socket to its end (it exits when the tree is empty); a reaper
+        that does not finish within REAPER_DEADLINE is killed, and what is left with it."""
+        child = self.child
+        if child is None:
             return
+        poller = select.poll()
+        poller.register(child.fd, select.POLLIN)
+        end = time.monotonic() + REAPER_DEADLINE
         while True:
+            left = end - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                try:
+                    os.kill(child.reaper_pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                try:
+                    self._reaper_lost(None)
+                except SupervisorError:
+                    pass
+                return
             try:
-                if not os.read(self.child.status_fd, 65536):
+                if not os.read(child.fd, 65536):
                     return
             except OSError:
                 return
@@ -570,7 +616,8 @@ class Run:
         finally:
             child.reaper_pid = 0
         u = self.result.usage
-        u.cpu_time = max(u.cpu_time, ru.ru_utime + ru.ru_stime)
+        # The reaper's rusage holds the whole tree's CPU, and its own: take its own out.
+        u.cpu_time = max(u.cpu_time, ru.ru_utime + ru.ru_stime - self._reaper_cpu)
 
     def _close(self) -> None:
         child = self.child

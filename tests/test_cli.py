@@ -60,3 +60,10 @@ def test_subcommand_usage_error_exits_125() -> None:
     """A bad option to a subcommand is supervise's own failure: 125."""
     done = supervise("audit", "--bogus")
     assert done.returncode == 125 and "--bogus" in done.stderr
+
+
+def test_planned_subcommands_are_refused_not_run() -> None:
+    """report, budget and models are named subcommands not built yet: 125, never a program."""
+    for name in ("report", "budget", "models"):
+        done = supervise(name)
+        assert done.returncode == 125 and "not supported yet" in done.stderr

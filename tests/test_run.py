@@ -425,10 +425,63 @@ def test_supervise_sigkilled_leaves_nothing_alive(no_leftovers: str) -> None:
     assert wait_until(lambda: not tagged_pids(no_leftovers), timeout=5)
 
 
-def test_child_that_kills_the_reaper_fails_the_run_and_leaves_nothing(no_leftovers: str) -> None:
-    """A command that SIGKILLs its parent (the reaper) gets 125, and its tree is killed."""
-    script = "sleep 100 & setsid sleep 100 & sleep 0.5; kill -9 $PPID; sleep 100"
-    result = run(["sh", "-c", script], wall_time="20s")
+def test_tree_cannot_signal_the_reaper_or_supervise() -> None:
+    """Landlock's signal scope: kill -9 / -STOP of the reaper or of supervise is refused."""
+    from supervisor._linux import landlock_abi
+
+    if (landlock_abi() or 0) < 6:
+        pytest.skip("signal scoping needs Landlock ABI 6")
+    script = (
+        "for sig in KILL STOP; do for pid in $PPID $SUPERVISE_PID; do "
+        "kill -$sig $pid 2>/dev/null && echo sent || echo refused; done; done"
+    )
+    r, w = os.pipe()
+    result = Supervisor(policy(wall_time="20s")).run(
+        ["sh", "-c", script], stdout=w, env={**os.environ, "SUPERVISE_PID": str(os.getpid())}
+    )
+    os.close(w)
+    with os.fdopen(r) as f:
+        assert f.read().split() == ["refused"] * 4
+    assert (result.status, result.exit_code) == ("ok", 0)
+
+
+def test_tree_cannot_forge_the_reapers_reports() -> None:
+    """Writing "the tree is empty" into the reaper's or supervise's fds fails: still 124."""
+    script = (
+        "for fd in /proc/$PPID/fd/* /proc/$SUPERVISE_PID/fd/*; do "
+        "printf 'X 1 0 0 0 0 0\\nD 0\\n' > $fd 2>/dev/null; done; sleep 5"
+    )
+    env = {**os.environ, "SUPERVISE_PID": str(os.getpid())}
+    result = Supervisor(policy(wall_time="700ms")).run(["sh", "-c", script], env=env)
+    assert (result.status, result.exit_code) == ("violation", 124)
+    assert result.violation.limit == "wall_time"
+
+
+def test_embedding_program_that_ignores_sigchld() -> None:
+    """A host that set SIGCHLD to SIG_IGN still gets exact results, and run() returns."""
+    code = (
+        "import signal\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+        "from supervisor import Policy, Supervisor\n"
+        "p = Policy.from_dict({'limits': {'wall_time': '5s'}})\n"
+        "r = Supervisor(p).run(['sh', '-c', 'exit 3'])\n"
+        "print(r.status, r.exit_code)"
+    )
+    done = subprocess.run(python(code), capture_output=True, text=True, timeout=GLOBAL_TIMEOUT)
+    assert done.stdout.split() == ["ok", "3"], done.stderr
+
+
+def test_reaper_killed_from_outside_fails_the_run_and_leaves_nothing(no_leftovers: str) -> None:
+    """If the reaper dies before the tree is empty: 125, and what was left is killed."""
+    sup = Supervisor(policy(wall_time="20s"))
+    run_ = sup.start(["sh", "-c", "sleep 100 & setsid sleep 100 & sleep 100"])
+    holder: list[Any] = []
+    thread = threading.Thread(target=lambda: holder.append(run_.execute()))
+    thread.start()
+    assert wait_until(lambda: len(tagged_pids(no_leftovers)) >= 4, timeout=10)
+    assert run_.child is not None
+    os.kill(run_.child.reaper_pid, signal.SIGKILL)
+    thread.join(GLOBAL_TIMEOUT)
+    (result,) = holder
     assert (result.status, result.exit_code) == ("failed", 125)
     assert "reaper helper died" in result.error
     assert wait_until(lambda: not tagged_pids(no_leftovers), timeout=5)
