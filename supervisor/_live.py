@@ -14,8 +14,7 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from ._units import format_duration, format_size
-from .result import UNITS
+from .result import format_limit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,15 +30,6 @@ _GAUGES = (
     ("processes", "peak_processes"),
     ("open_files", "peak_open_files"),
 )
-
-
-def _show(limit: str, value: float) -> str:
-    unit = UNITS.get(limit)
-    if unit == "seconds":
-        return format_duration(value)
-    if unit == "bytes":
-        return format_size(int(value))
-    return str(int(value))
 
 
 class LiveGauges:
@@ -80,10 +70,14 @@ class LiveGauges:
             value = self.plan.limit(limit)
             used = self.current.get(limit, 0.0)
             if value is None:
-                table.add_row(limit, "", f"{_show(limit, used)} (no limit)")
+                table.add_row(limit, "", f"{format_limit(limit, used)} (no limit)")
                 continue
             style = "red" if used >= 0.9 * value else "yellow" if used >= 0.8 * value else "green"
             bar = ProgressBar(total=float(value), completed=min(used, value), complete_style=style)
             share = used / value if value else 0.0
-            table.add_row(limit, bar, f"{_show(limit, used)} / {_show(limit, value)} {share:.0%}")
+            table.add_row(
+                limit,
+                bar,
+                f"{format_limit(limit, used)} / {format_limit(limit, value)} {share:.0%}",
+            )
         return table

@@ -82,11 +82,6 @@ class RunPlan:
         return words
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "supervise", "policies")
-
-
 def _default_policy_bytes() -> bytes:
     with open(os.path.join(os.path.dirname(__file__), "default.yaml"), "rb") as f:
         return f.read()
@@ -98,6 +93,7 @@ def load_plan(path: str | None, overrides: list[str]) -> RunPlan:
     Raises PolicyError exactly as ``Policy.load`` would; only valid policies are cached.
     """
     from ._hash import sha256
+    from .spawn import cache_dir
 
     if path is None:
         data = _default_policy_bytes()
@@ -116,7 +112,7 @@ def load_plan(path: str | None, overrides: list[str]) -> RunPlan:
     h.update(data)
     for item in overrides:
         h.update(b"\0" + item.encode("utf-8", "surrogateescape"))
-    cache = os.path.join(_cache_dir(), h.hexdigest() + ".json")
+    cache = os.path.join(cache_dir(), "policies", h.hexdigest() + ".json")
     try:
         with open(cache, "rb") as f:
             cached = json.loads(f.read())

@@ -207,7 +207,7 @@ def _write_json(result: RunResult, target: str) -> None:
 
 def summary(result: RunResult, plan: RunPlan) -> str:
     """One line: the outcome, then each limit as used / limit."""
-    from ._units import format_duration, format_size
+    from .result import format_limit
 
     u = result.usage
     outcome = {
@@ -217,19 +217,21 @@ def summary(result: RunResult, plan: RunPlan) -> str:
         "failed": f"failed, exit {result.exit_code}",
     }[result.status]
 
-    def show(value: Any, limit: Any, fmt: Any) -> str:
-        used = "-" if value is None else fmt(value)
-        return f"{used}/{'none' if limit is None else fmt(limit)}"
-
     lim = plan.limits
-    parts = [
-        f"wall_time {show(u.wall_time, lim.get('wall_time'), format_duration)}",
-        f"cpu_time {show(u.cpu_time, lim.get('cpu_time'), format_duration)}",
-        f"memory {show(u.peak_memory or None, lim.get('memory'), format_size)}",
-        f"processes {show(u.peak_processes or None, lim.get('processes'), str)}",
-        f"open_files {show(u.peak_open_files or None, lim.get('open_files'), str)}",
-        f"file_size {show(None, lim.get('file_size'), format_size)}",
-    ]
-    if lim.get("address_space") is not None:
-        parts.append(f"address_space {show(None, lim['address_space'], format_size)}")
+    used = {
+        "wall_time": u.wall_time,
+        "cpu_time": u.cpu_time,
+        "memory": u.peak_memory or None,
+        "processes": u.peak_processes or None,
+        "open_files": u.peak_open_files or None,
+        "file_size": None,  # a per-process kernel limit: nothing to sum
+        "address_space": None,
+    }
+    parts = []
+    for name, value in used.items():
+        limit = lim.get(name)
+        if name == "address_space" and limit is None:
+            continue
+        shown = "-" if value is None else format_limit(name, value)
+        parts.append(f"{name} {shown}/{'none' if limit is None else format_limit(name, limit)}")
     return f"run {result.run_id} {outcome} · " + " · ".join(parts)

@@ -32,6 +32,20 @@ UNITS = {
 }
 
 
+def format_limit(limit: str, value: float | None) -> str:
+    """A value of ``limit`` for people: durations and sizes with units, counts as they are."""
+    if value is None:
+        return "?"
+    from ._units import format_duration, format_size
+
+    unit = UNITS.get(limit)
+    if unit == "seconds":
+        return format_duration(float(value))
+    if unit == "bytes":
+        return format_size(int(value))
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def iso_time(t: float) -> str:
     """UTC ISO-8601 with microseconds and ``Z``, without importing datetime."""
     whole = int(t)

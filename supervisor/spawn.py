@@ -29,7 +29,8 @@ _STEP_LIMIT = {
 }
 
 
-def _cache_dir() -> str:
+def cache_dir() -> str:
+    """supervise's cache: $XDG_CACHE_HOME/supervise, else ~/.cache/supervise."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "supervise")
 
@@ -70,7 +71,7 @@ def reaper_path() -> str:
 
     with open(_SOURCE, "rb") as f:
         digest = sha256(f.read()).hexdigest()[:16]
-    target = os.path.join(_cache_dir(), f"reaper-{digest}-{os.uname().machine}")
+    target = os.path.join(cache_dir(), f"reaper-{digest}-{os.uname().machine}")
     if not os.access(target, os.X_OK):
         build_reaper(_SOURCE, target)
     _reaper_cache = target

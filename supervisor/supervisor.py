@@ -18,7 +18,7 @@ import time
 
 from ._plan import RunPlan
 from .errors import SupervisorError
-from .result import UNITS, RunResult, Usage, Violation, iso_time
+from .result import UNITS, RunResult, Usage, Violation, format_limit, iso_time
 from .spawn import Child, build_env, reaper_path, spawn
 from .watch import Sample, TreeSampler, next_interval
 
@@ -38,18 +38,6 @@ REAPER_DEADLINE = 2.0
 ALERTS = (0.8, 0.9)
 
 _SIGNAL_LIMIT: dict[int, str] = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size"}
-
-
-def _fmt(limit: str, value: float | int | None) -> str:
-    from ._units import format_duration, format_size
-
-    if value is None:
-        return "?"
-    if limit in ("wall_time", "cpu_time", "step_time"):
-        return format_duration(float(value))
-    if limit in ("memory", "address_space", "file_size", "storage", "max_file_size"):
-        return format_size(int(value))
-    return str(value)
 
 
 def _oom_score_adj() -> int:
@@ -356,7 +344,7 @@ class Run:
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    if self._on_line(line, t0):
+                    if self._on_line(line):
                         return
 
     def _reaper_lost(self, last: Sample | None) -> None:
@@ -422,9 +410,8 @@ class Run:
             if used < frac * value or key in self._alerted:
                 continue
             self._alerted.add(key)
-            message = (
-                f"{limit} at {frac:.0%} of its limit: {_fmt(limit, used)} of {_fmt(limit, value)}"
-            )
+            shown = f"{format_limit(limit, used)} of {format_limit(limit, value)}"
+            message = f"{limit} at {frac:.0%} of its limit: {shown}"
             warning = {
                 "limit": limit,
                 "fraction": frac,
@@ -458,7 +445,7 @@ class Run:
         if self._kill_at is None:
             self._kill_at = time.monotonic() + self.plan.grace
 
-    def _on_line(self, line: bytes, t0: float) -> bool:
+    def _on_line(self, line: bytes) -> bool:
         """Handle one reaper line; True when the tree is empty."""
         try:
             return self._parse_line(line.split())
@@ -533,10 +520,14 @@ class Run:
         if res.violation is not None or limit in self._warned_limits:
             return
         kill = self.plan.on_violation == "kill"
-        shown = _fmt(limit, observed) if observed is not None else "exceeded"
-        message = f"{limit} limit exceeded: {shown} > {_fmt(limit, value)} ({how})"
+        cap = format_limit(limit, value)
         if observed is None:
-            message = f"{limit} limit exceeded: {_fmt(limit, value)} ({how})"
+            message = f"{limit} limit exceeded: {cap} ({how})"
+        else:
+            shown = format_limit(limit, observed)
+            if shown == cap and UNITS.get(limit) == "seconds":
+                shown = f"{observed:.3f} s"  # "3.00 s > 3.00 s" reads as no breach at all
+            message = f"{limit} limit exceeded: {shown} > {cap} ({how})"
         violation = Violation(limit, observed, value, message)
         if kill:
             res.violation = violation
