@@ -153,13 +153,20 @@ static pid_t pids[MAX_PIDS];
  * "s SIG pid..." lines (several when they do not fit one) when `report` is set or
  * anything was signalled. */
 static int signal_tree(int sig, int report) {
-    if (cmd_pid > 0) kill(-cmd_pid, sig); /* the command's group, atomic against fork */
+    /* The command's group first, atomic against fork; then every descendant outside it.
+     * A group member is not signalled twice: a second SIGINT or SIGTERM would cut short
+     * the handler of a child that is shutting down cleanly. */
+    int group = cmd_pid > 0 && kill(-cmd_pid, sig) == 0;
     int n = collect(getpid(), pids, MAX_PIDS);
     char line[2048];
     int off = snprintf(line, sizeof line, "s %d", sig);
     int count = 0, pending = 0;
     for (int i = 1; i < n; i++) {
-        if (kill(pids[i], sig) != 0) continue;
+        if (group && sig != SIGKILL && getpgid(pids[i]) == cmd_pid) {
+            if (kill(pids[i], 0) != 0) continue;
+        } else if (kill(pids[i], sig) != 0) {
+            continue;
+        }
         count++;
         pending = 1;
         off += snprintf(line + off, sizeof line - off, " %d", (int)pids[i]);

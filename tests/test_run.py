@@ -397,6 +397,30 @@ def test_processes_that_ignore_sigterm_are_killed_and_named() -> None:
     assert "ignored SIGTERM" in result.violation.message
 
 
+def test_each_process_gets_sigterm_once(tmp_path: Path) -> None:
+    """A stop signals the command's group and the escapees, none twice: a second SIGTERM
+    would cut short the handler of a process that is shutting down cleanly."""
+    code = (
+        "import os, signal, sys, time\n"
+        "hits = []\n"
+        "signal.signal(signal.SIGTERM, lambda *a: hits.append(1))\n"
+        "if os.fork() == 0:\n"
+        "    if sys.argv[1] == 'escape': os.setsid()\n"
+        "    name = 'child'\n"
+        "else:\n"
+        "    name = 'parent'\n"
+        "while not hits: time.sleep(0.01)\n"
+        "time.sleep(0.2)\n"
+        "open(os.path.join(sys.argv[2], name), 'w').write(str(len(hits)))\n"
+    )
+    for mode in ("group", "escape"):
+        out = tmp_path / mode
+        out.mkdir()
+        result = run([*python(code), mode, str(out)], wall_time="300ms", grace="2s")
+        assert result.exit_code == 124
+        assert (out / "parent").read_text() == "1" and (out / "child").read_text() == "1", mode
+
+
 def test_grace_zero_kills_at_once() -> None:
     """grace 0 sends SIGKILL at the deadline, without a SIGTERM first."""
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
@@ -490,18 +514,18 @@ def test_reaper_killed_from_outside_fails_the_run_and_leaves_nothing(no_leftover
 
 def test_sigint_to_supervise_is_forwarded_to_the_tree() -> None:
     """SIGINT to supervise reaches the child, which handles it: the status is the child's."""
+    # 'ready' is printed inside the try, so a SIGINT right after it is still handled.
     code = (
-        "import time\nprint('ready', flush=True)\n"
-        "try: time.sleep(60)\nexcept KeyboardInterrupt: raise SystemExit(5)"
+        "import time\ntry:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n    raise SystemExit(5)"
     )
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "supervisor", "-q", "--", *python(code)], stdout=subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"ready\n"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=GLOBAL_TIMEOUT) == 5
-    proc.stdout.close()
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=GLOBAL_TIMEOUT) == 5
 
 
 def test_sigterm_to_supervise_stops_a_tree_that_ignores_it() -> None:
@@ -510,15 +534,14 @@ def test_sigterm_to_supervise_stops_a_tree_that_ignores_it() -> None:
         "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "print('ready', flush=True)\ntime.sleep(60)"
     )
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "supervisor", "-q", "--set", "grace=300ms", "--", *python(code)],
         stdout=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"ready\n"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=GLOBAL_TIMEOUT) == 143
-    proc.stdout.close()
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=GLOBAL_TIMEOUT) == 143
 
 
 # -- results and the audit log ----------------------------------------------------------
