@@ -25,6 +25,8 @@ __all__ = [
     "SupervisorError",
     "Usage",
     "Violation",
+    "Workspace",
+    "WorkspaceError",
     "__version__",
 ]
 
@@ -40,6 +42,8 @@ _WHERE = {
     "PolicyError": "errors",
     "SpawnError": "errors",
     "SupervisorError": "errors",
+    "Workspace": "workspace",
+    "WorkspaceError": "errors",
 }
 
 if TYPE_CHECKING:
@@ -50,10 +54,12 @@ if TYPE_CHECKING:
         PolicyError,
         SpawnError,
         SupervisorError,
+        WorkspaceError,
     )
     from .policy import Policy
     from .result import RunResult, Usage, Violation
     from .supervisor import Supervisor
+    from .workspace import Workspace
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     from .policy import Policy
 
-_FORMAT = 1  # bump when the shape of Policy.to_dict() changes
+_FORMAT = 2  # bump when the shape of Policy.to_dict() changes
 
 
 class RunPlan:
@@ -35,9 +35,11 @@ class RunPlan:
         "grace",
         "limits",
         "name",
+        "network",
         "on_violation",
         "policy",
         "sha256",
+        "workspace",
     )
 
     def __init__(self, data: dict[str, Any], sha256: str) -> None:
@@ -52,6 +54,8 @@ class RunPlan:
         self.env_inherit: bool | list[str] = env.get("inherit", True)
         self.env_set: dict[str, str] = dict(env.get("set") or {})
         self.audit: str | None = data.get("audit")
+        self.workspace: dict[str, Any] | None = data.get("workspace")
+        self.network: str = data.get("network", "allow")
 
     @classmethod
     def from_policy(cls, policy: Policy) -> RunPlan:
@@ -65,7 +69,8 @@ class RunPlan:
 
         RLIMIT_CPU gets hard = soft + 1 s, so SIGXCPU (a named cause) comes before the
         kernel's SIGKILL.  Under ``on_violation: warn`` nothing may be killed, so the two
-        rlimits whose breach kills (CPU, FSIZE) are left to the watcher.
+        rlimits whose breach kills (CPU, FSIZE) are left to the watcher.  RLIMIT_FSIZE is
+        not here: it also caps the workspace, so ``_confine.Confinement`` words it.
         """
         words = []
         kills = self.on_violation == "kill"
@@ -75,8 +80,6 @@ class RunPlan:
             words.append(f"cpu={soft}:{soft + 1}")
         if self.limits.get("address_space") is not None:
             words.append(f"as={int(self.limits['address_space'])}")
-        if self.limits.get("file_size") is not None and kills:
-            words.append(f"fsize={int(self.limits['file_size'])}")
         if self.limits.get("open_files") is not None:
             words.append(f"nofile={int(self.limits['open_files'])}")
         return words

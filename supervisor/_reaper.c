@@ -24,12 +24,20 @@
  *     fd) it SIGKILLs the whole tree, so nothing outlives supervise, even a SIGKILLed one.
  *
  * Arguments: key=value words, then "--", then the command:
- *   status=FD ctl=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N] [nofile=N] [oom=N]
- *   [nproc=N] [scope=1] [cwd=DIR] [pass=FD]... -- argv...
+ *   status=FD ctl=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N[:HARD]] [nofile=N] [oom=N]
+ *   [nproc=N] [scope=1] [lfs=MASK] [lnet=MASK] [rule=MASK:PATH]... [netns=1|2]
+ *   [cwd=DIR] [pass=FD]... -- argv...
  *
- * scope=1 puts the command in a Landlock domain that only scopes signals (ABI >= 6):
- * nothing of the tree can stop, kill or ptrace the reaper or the supervisor.  It needs
- * no_new_privs, so setuid binaries do not gain privileges in the tree.
+ * scope=1 puts the command in a Landlock domain that scopes signals (ABI >= 6): nothing
+ * of the tree can stop, kill or ptrace the reaper or the supervisor.  lfs and lnet are
+ * the handled filesystem and network access masks of the same domain, and each rule
+ * grants MASK beneath PATH (the supervisor computes masks for the kernel's ABI).  The
+ * domain needs no_new_privs, so setuid binaries do not gain privileges in the tree.
+ *
+ * netns puts the command in a new network namespace (only a loopback of its own, up),
+ * entering a user namespace first when that is what it takes without privilege.
+ * netns=1: fail when that is refused; netns=2: fall back to the lnet mask of a fallback
+ * word "lnetfb=MASK" (Landlock's TCP rules) and go on.
  *
  * nproc=N puts the command in a new user namespace (mapping only its own uid and gid)
  * and sets RLIMIT_NPROC there: since Linux 5.14 the count is per namespace, so it
@@ -46,7 +54,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/syscall.h>
@@ -66,7 +78,12 @@
 #ifndef SYS_landlock_restrict_self
 #define SYS_landlock_restrict_self 446
 #endif
+#ifndef SYS_landlock_add_rule
+#define SYS_landlock_add_rule 445
+#endif
 #define LANDLOCK_SCOPE_SIGNAL_BIT (1ULL << 1)
+#define LANDLOCK_RULE_PATH_BENEATH 1
+#define MAX_RULES 256
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
@@ -239,10 +256,54 @@ static void fail_child(int errfd, const char *step) {
     _exit(127);
 }
 
+static int write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = (ssize_t)strlen(text);
+    int ok = write(fd, text, n) == n;
+    close(fd);
+    return ok ? 0 : -1;
+}
+
+/* A new user namespace that maps only our own uid and gid (uid/gid read before it). */
+static int enter_userns(uid_t uid, gid_t gid) {
+    if (unshare(CLONE_NEWUSER) != 0) return -1;
+    char map[64];
+    write_file("/proc/self/setgroups", "deny"); /* older kernels have no setgroups file */
+    snprintf(map, sizeof map, "%u %u 1", (unsigned)uid, (unsigned)uid);
+    if (write_file("/proc/self/uid_map", map) != 0) return -1;
+    snprintf(map, sizeof map, "%u %u 1", (unsigned)gid, (unsigned)gid);
+    if (write_file("/proc/self/gid_map", map) != 0) return -1;
+    return 0;
+}
+
+/* Bring up the new network namespace's own loopback: local servers of the tree work,
+ * nothing outside is reachable. */
+static void loopback_up(void) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "lo");
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    close(s);
+}
+
+struct path_beneath {
+    unsigned long long allowed_access;
+    int parent_fd;
+} __attribute__((packed));
+
 int main(int argc, char **argv) {
     pid_t ppid = 0;
     long long cpu_hard = -1, as = -1, fsize = -1, nofile = -1, nproc = -1, oom = -1000000;
-    int scope = 0;
+    long long fsize_hard = -1;
+    unsigned long long lfs = 0, lnet = 0, lnetfb = 0;
+    int scope = 0, netns = 0, nrules = 0;
+    const char *rules[MAX_RULES];
     const char *cwd = NULL;
     int pass[MAX_PASS], npass = 0, i;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
@@ -252,7 +313,14 @@ int main(int argc, char **argv) {
         else if (!strncmp(a, "ppid=", 5)) ppid = (pid_t)atoi(a + 5);
         else if (!strncmp(a, "cpu=", 4)) sscanf(a + 4, "%lld:%lld", &cpu_soft, &cpu_hard);
         else if (!strncmp(a, "as=", 3)) as = atoll(a + 3);
-        else if (!strncmp(a, "fsize=", 6)) fsize = atoll(a + 6);
+        else if (!strncmp(a, "fsize=", 6)) {
+            if (sscanf(a + 6, "%lld:%lld", &fsize, &fsize_hard) < 2) fsize_hard = fsize;
+        }
+        else if (!strncmp(a, "lfs=", 4)) lfs = strtoull(a + 4, NULL, 0);
+        else if (!strncmp(a, "lnet=", 5)) lnet = strtoull(a + 5, NULL, 0);
+        else if (!strncmp(a, "lnetfb=", 7)) lnetfb = strtoull(a + 7, NULL, 0);
+        else if (!strncmp(a, "rule=", 5) && nrules < MAX_RULES && strchr(a, ':')) rules[nrules++] = a + 5;
+        else if (!strncmp(a, "netns=", 6)) netns = atoi(a + 6);
         else if (!strncmp(a, "nofile=", 7)) nofile = atoll(a + 7);
         else if (!strncmp(a, "oom=", 4)) oom = atoll(a + 4);
         else if (!strncmp(a, "nproc=", 6)) nproc = atoll(a + 6);
@@ -342,7 +410,8 @@ int main(int argc, char **argv) {
             if (setrlimit(RLIMIT_AS, &rl) != 0) fail_child(errpipe[1], "rlimit_as");
         }
         if (fsize >= 0) {
-            rl.rlim_cur = rl.rlim_max = fsize;
+            rl.rlim_cur = fsize;
+            rl.rlim_max = fsize_hard;
             if (setrlimit(RLIMIT_FSIZE, &rl) != 0) fail_child(errpipe[1], "rlimit_fsize");
         }
         if (nofile >= 0) {
@@ -353,28 +422,59 @@ int main(int argc, char **argv) {
          * processes; the supervisor sees which from /proc/PID/ns/user. */
         uid_t uid = getuid(); /* before unshare: inside, unmapped ids read as 65534 */
         gid_t gid = getgid();
+        int in_userns = 0;
         if (nproc >= 0 && unshare(CLONE_NEWUSER) == 0) {
+            /* unshare succeeded; now map the ids (a failure here is fatal: unmapped ids) */
             char map[64];
-            int fd, n;
-            if ((fd = open("/proc/self/setgroups", O_WRONLY | O_CLOEXEC)) >= 0) {
-                if (write(fd, "deny", 4) < 0) { /* older kernels have no setgroups file */ }
-                close(fd);
-            }
-            n = snprintf(map, sizeof map, "%u %u 1", (unsigned)uid, (unsigned)uid);
-            if ((fd = open("/proc/self/uid_map", O_WRONLY | O_CLOEXEC)) < 0 || write(fd, map, n) != n)
-                fail_child(errpipe[1], "uid_map");
-            close(fd);
-            n = snprintf(map, sizeof map, "%u %u 1", (unsigned)gid, (unsigned)gid);
-            if ((fd = open("/proc/self/gid_map", O_WRONLY | O_CLOEXEC)) < 0 || write(fd, map, n) != n)
-                fail_child(errpipe[1], "gid_map");
-            close(fd);
+            write_file("/proc/self/setgroups", "deny");
+            snprintf(map, sizeof map, "%u %u 1", (unsigned)uid, (unsigned)uid);
+            if (write_file("/proc/self/uid_map", map) != 0) fail_child(errpipe[1], "uid_map");
+            snprintf(map, sizeof map, "%u %u 1", (unsigned)gid, (unsigned)gid);
+            if (write_file("/proc/self/gid_map", map) != 0) fail_child(errpipe[1], "gid_map");
+            in_userns = 1;
             rl.rlim_cur = rl.rlim_max = nproc;
             if (setrlimit(RLIMIT_NPROC, &rl) != 0) fail_child(errpipe[1], "rlimit_nproc");
         }
-        if (scope) {
-            struct { unsigned long long fs, net, scoped; } attr = {0, 0, LANDLOCK_SCOPE_SIGNAL_BIT};
-            int rfd = (int)syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0);
+        if (netns) {
+            int ok = unshare(CLONE_NEWNET) == 0;
+            if (!ok && !in_userns && enter_userns(uid, gid) == 0) ok = unshare(CLONE_NEWNET) == 0;
+            if (ok) loopback_up();
+            else if (netns == 2 && lnetfb) lnet = lnetfb;
+            else fail_child(errpipe[1], "netns");
+        }
+        if (scope || lfs || lnet) {
+            struct { unsigned long long fs, net, scoped; } attr = {
+                lfs, lnet, scope ? LANDLOCK_SCOPE_SIGNAL_BIT : 0};
+            /* An older ABI reads a shorter struct: the unused tail must not be passed. */
+            size_t size = scope ? sizeof attr : lnet ? 2 * sizeof(unsigned long long)
+                                                     : sizeof(unsigned long long);
+            int rfd = (int)syscall(SYS_landlock_create_ruleset, &attr, size, 0);
             if (rfd < 0) fail_child(errpipe[1], "landlock");
+            for (int r = 0; r < nrules; r++) {
+                char *colon = strchr(rules[r], ':');
+                struct path_beneath pb;
+                pb.allowed_access = strtoull(rules[r], NULL, 0);
+                pb.parent_fd = open(colon + 1, O_PATH | O_CLOEXEC);
+                if (pb.parent_fd < 0) fail_child(errpipe[1], "landlock_path");
+                if (syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_PATH_BENEATH, &pb, 0) != 0)
+                    fail_child(errpipe[1], "landlock_rule");
+                close(pb.parent_fd);
+            }
+            /* The command's own stdin/stdout/stderr stay reopenable (echo >/dev/stderr)
+             * when they are files or terminals: they are where the user sent its output. */
+            for (int fd = 0; lfs && fd < 3; fd++) {
+                struct stat st;
+                if (fstat(fd, &st) != 0 || !(S_ISREG(st.st_mode) || S_ISCHR(st.st_mode))) continue;
+                char self[32];
+                snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+                struct path_beneath pb;
+                /* write_file | read_file | truncate, as far as they are handled */
+                pb.allowed_access = lfs & ((1ULL << 1) | (1ULL << 2) | (1ULL << 14));
+                pb.parent_fd = open(self, O_PATH | O_CLOEXEC);
+                if (pb.parent_fd < 0 || !pb.allowed_access) continue;
+                syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_PATH_BENEATH, &pb, 0);
+                close(pb.parent_fd);
+            }
             if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) fail_child(errpipe[1], "no_new_privs");
             if (syscall(SYS_landlock_restrict_self, rfd, 0) != 0) fail_child(errpipe[1], "landlock");
             close(rfd);

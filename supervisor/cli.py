@@ -39,6 +39,7 @@ Options:
   --set KEY=VALUE       override a policy value, e.g. --set limits.wall_time=10s (repeatable)
   --agent ID            the agent this run belongs to (overrides the policy's)
   --session ID          the session this run belongs to
+  -w, --workspace DIR   work in DIR, jailed and under the quota (--set workspace.path=DIR)
   --audit FILE          the audit log (default: $XDG_STATE_HOME/supervise/audit.jsonl)
   --json FILE           write the run result as JSON to FILE ('-': stdout, after the child)
   --live                gauges of every limit on stderr while it runs (on a terminal)
@@ -65,7 +66,7 @@ _VALUE_OPTIONS = {
 }
 _FLAG_OPTIONS = {"-q": "quiet", "--quiet": "quiet", "--live": "live"}
 # Options of SPEC's command line whose features have not landed yet: refused, not ignored.
-_NOT_YET = {"workspace": "the workspace section", "store": "budgets"}
+_NOT_YET = {"store": "budgets"}
 
 
 class UsageError(Exception):
@@ -98,6 +99,11 @@ def _parse_run(args: list[str]) -> tuple[dict[str, Any], list[str]]:
             key = _VALUE_OPTIONS[name]
             if key == "set":
                 opts["set"].append(value)
+            elif key == "workspace":
+                import json
+
+                # --workspace DIR is --set workspace.path=DIR (JSON text is YAML too).
+                opts["set"].append("workspace.path=" + json.dumps(value))
             else:
                 opts[key] = value
         else:
@@ -227,6 +233,10 @@ def summary(result: RunResult, plan: RunPlan) -> str:
         "file_size": None,  # a per-process kernel limit: nothing to sum
         "address_space": None,
     }
+    ws = plan.workspace
+    if ws is not None:
+        lim = {**lim, "storage": ws.get("quota"), "files": ws.get("max_files")}
+        used.update(storage=u.storage_bytes, files=u.files)
     parts = []
     for name, value in used.items():
         limit = lim.get(name)

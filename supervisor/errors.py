@@ -6,6 +6,7 @@
     │   ├── CommandNotFound      exit 127
     │   └── CommandNotExecutable exit 126
     ├── AuditError               the audit log cannot be written or read
+    ├── WorkspaceError           the workspace, its jail or network: deny cannot be set up
     └── HelperError              the reaper helper is missing and cannot be built
 
 Each carries the facts as fields and a message that says what happened and how to fix it.
@@ -53,6 +54,10 @@ class CommandNotExecutable(SpawnError):
     """The command exists but cannot be executed (exit 126)."""
 
     exit_code = 126
+
+
+class WorkspaceError(SupervisorError):
+    """The workspace cannot be made, or its jail or ``network: deny`` cannot be enforced."""
 
 
 class AuditError(SupervisorError):

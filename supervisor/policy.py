@@ -7,8 +7,8 @@ with one line per problem, each naming the file, the line and the key path::
 
 Sizes are stored in bytes and durations in seconds; absent limits are ``None`` (not limited).
 ``with_overrides`` applies ``--set KEY=VALUE`` items; ``sha256`` fingerprints the effective
-policy for the audit log. The sections ``workspace``, ``network`` and ``budget`` belong to the
-product's schema but are not built yet, so a policy that has them is refused, never ignored.
+policy for the audit log. The section ``budget`` belongs to the product's schema but is not
+built yet, so a policy that has it is refused, never ignored.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from supervisor._hash import sha256
 from supervisor._units import compact_duration, compact_size, parse_duration, parse_size, show
 from supervisor.errors import PolicyError
 
-__all__ = ["EnvPolicy", "Limits", "Policy"]
+__all__ = ["EnvPolicy", "Limits", "Policy", "WorkspacePolicy"]
 
 _Loc = tuple[str | int, ...]
 
 # In the product's schema, refused until they are built: silently ignoring a budget or a
 # network rule would let a run think it is limited when it is not.
-_UNBUILT = ("workspace", "network", "budget")
+_UNBUILT = ("budget",)
 
 
 def _limit(parse: Callable[[object], float], minimum: float = 0, why: str = "") -> Any:
@@ -120,6 +120,22 @@ def _env_set(value: object) -> object:
     return {name: _text(text) for name, text in value.items()}
 
 
+def _paths(value: object) -> object:
+    """A list of paths: absolute or relative to where supervise runs, never empty text."""
+    if not isinstance(value, list):
+        return value  # let the model say "expected a list"
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip() or "\0" in item:
+            raise ValueError(f"{show(item)} is not a path (item {index + 1} of the list)")
+    return value
+
+
+def _workspace_path(value: object) -> object:
+    if isinstance(value, str) and (not value.strip() or "\0" in value):
+        raise ValueError(f"{show(value)} is not a path (null: a fresh temporary directory)")
+    return value
+
+
 Duration = Annotated[float | None, _limit(parse_duration)]
 Size = Annotated[int | None, _limit(parse_size)]
 Files = Annotated[int | None, _limit(_parse_count, 2, "stdin, stdout and stderr need 3 open files")]
@@ -143,6 +159,21 @@ class Limits(_Model):
     step_time: Annotated[float | None, BeforeValidator(_step_time)] = None
 
 
+class WorkspacePolicy(_Model):
+    """Where the command works: a jailed directory under a storage quota (None = no limit)."""
+
+    path: Annotated[str | None, BeforeValidator(_workspace_path)] = None
+    keep: bool = False
+    quota: Size = 1 << 30
+    max_files: Annotated[int | None, _limit(_parse_count, 0, "a limit must be more than 0")] = (
+        10000
+    )
+    max_file_size: Size = 100 << 20
+    jail: Literal["auto", "required", "off"] = "auto"
+    writable: Annotated[list[str], BeforeValidator(_paths)] = Field(default_factory=list)
+    readable: Annotated[list[str] | None, BeforeValidator(_paths)] = None
+
+
 class EnvPolicy(_Model):
     """The child's environment: what it inherits from supervise, and what is set on top."""
 
@@ -157,6 +188,8 @@ class Policy(_Model):
     name: Annotated[str, BeforeValidator(_number_text)] = "unnamed"
     agent: Annotated[str | None, BeforeValidator(_number_text)] = None
     limits: Limits = Field(default_factory=Limits)
+    workspace: WorkspacePolicy | None = None
+    network: Literal["allow", "deny"] = "allow"
     on_violation: Literal["kill", "warn"] = "kill"
     grace: Annotated[float, BeforeValidator(parse_duration)] = 2.0
     env: EnvPolicy = Field(default_factory=EnvPolicy)
@@ -362,11 +395,20 @@ class Policy(_Model):
                 limits[key] = compact_duration(value)
             elif value is not None and key in ("memory", "address_space", "file_size"):
                 limits[key] = compact_size(value)
+        workspace = data.get("workspace") or {}
+        for key in ("quota", "max_file_size"):
+            if workspace.get(key) is not None:
+                workspace[key] = compact_size(workspace[key])
         data["grace"] = compact_duration(data["grace"])
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-_SECTIONS: dict[_Loc, type[BaseModel]] = {(): Policy, ("limits",): Limits, ("env",): EnvPolicy}
+_SECTIONS: dict[_Loc, type[BaseModel]] = {
+    (): Policy,
+    ("limits",): Limits,
+    ("workspace",): WorkspacePolicy,
+    ("env",): EnvPolicy,
+}
 
 
 @functools.cache
@@ -504,6 +546,8 @@ def _check_path(path: _Loc) -> str | None:
 def _put(data: dict[str, Any], path: _Loc, value: object) -> str | None:
     node: Any = data
     for depth, part in enumerate(path[:-1]):
+        if node.get(part) is None and path[: depth + 1] in _SECTIONS:
+            node[part] = {}  # --set workspace.quota=1GiB on a policy without a workspace
         node = node.get(part)
         if not isinstance(node, dict):
             where = _dotted(path[: depth + 1])

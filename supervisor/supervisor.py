@@ -19,6 +19,7 @@ import time
 from ._plan import RunPlan
 from .errors import SupervisorError
 from .result import UNITS, RunResult, Usage, Violation, format_limit, iso_time
+from ._confine import Confinement
 from .spawn import Child, build_env, reaper_path, spawn
 from .watch import Sample, TreeSampler, next_interval
 
@@ -174,6 +175,8 @@ class Run:
         # Called after each tree sample with (usage, current values): --live uses it.
         self.on_sample: Callable[[Usage, dict[str, float]], object] | None = None
         self.error: SupervisorError | None = None
+        self.confine: Confinement | None = None
+        self._rlimits: list[str] = []
 
     # -- the public controls -------------------------------------------------------
 
@@ -214,24 +217,33 @@ class Run:
             if res.agent:
                 env["SUPERVISE_AGENT"] = res.agent
             stdin, stdout, stderr = self.std
-            words = [*plan.rlimit_words(), f"oom={_oom_score_adj()}", "scope=1"]
+            self.confine = Confinement(plan, self.argv, env)
+            for message in self.confine.warnings:
+                print(f"supervise: warning: {message}", file=sys.stderr)
+            self._rlimits = [*plan.rlimit_words(), *self.confine.fsize_words()]
+            words = [*self._rlimits, f"oom={_oom_score_adj()}", "scope=1", *self.confine.words]
             cap = _process_cap(plan.limit("processes"))
             if cap is not None:
                 words.append(f"nproc={cap}")
+            ws = self.confine.workspace
             self.child = spawn(
                 self.argv,
                 rlimits=words,
                 env=env,
-                cwd=self.cwd,
+                cwd=self.cwd if self.cwd is not None or ws is None else ws.path,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
             )
         except SupervisorError as e:
             return self._failed(e, t0)
+        confine = self.confine
+        confine.after_spawn(self.child.pid)
         try:
             self._log("run_start", detail=self._start_detail())
             self._logged_start = True
+            for message in confine.warnings:
+                self._log("warning", action="fallback", detail=message)
             self._loop(t0)
             self._reap_reaper()
         except SupervisorError as e:  # e.g. the audit log failed: fail closed
@@ -249,7 +261,7 @@ class Run:
 
     def _start_detail(self) -> dict[str, Any]:
         plan = self.plan
-        assert self.child is not None
+        assert self.child is not None and self.confine is not None
         return {
             "command": self.argv,
             "pid": self.child.pid,
@@ -257,13 +269,13 @@ class Run:
             "policy_sha256": plan.sha256,
             "on_violation": plan.on_violation,
             "enforced": {
-                "rlimits": plan.rlimit_words(),
+                "rlimits": self._rlimits,
                 "reaper": "subreaper+pidfd" if self.child.pidfd else "subreaper+pipe EOF",
                 "signal_scope": "landlock" if self.child.scoped else None,
                 "wall_time": plan.limit("wall_time"),
                 "watched": ["memory", "cpu_time", "processes", "open_files"],
                 "processes_kernel_cap": self._kernel_cap(),
-                "landlock": None,
+                **self.confine.enforced(),
             },
         }
 
@@ -291,6 +303,11 @@ class Run:
         poller = select.poll()
         poller.register(child.status_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        confine = self.confine
+        assert confine is not None
+        storage_fd = confine.fileno()
+        if storage_fd >= 0:
+            poller.register(storage_fd, select.POLLIN)
         buf = b""
         while True:
             now = time.monotonic()
@@ -316,6 +333,8 @@ class Run:
             if now >= sample_at:
                 cur = sampler.sample(now)
                 watched = self._on_sample(cur, now - t0)
+                if storage_fd >= 0:
+                    self._on_storage(confine.held_open(cur.pids, now))
                 if self.on_sample is not None:
                     current = {name: used for name, used, _ in watched}
                     current.update(
@@ -325,6 +344,8 @@ class Run:
                         open_files=cur.max_fds,
                         wall_time=now - t0,
                     )
+                    if confine.tracker is not None:
+                        current["storage"], current["files"] = confine.tracker.totals()
                     _call_hook(self.on_sample, self.result.usage, current)
                 sample_at = now + next_interval(prev, cur, watched)
                 prev = cur
@@ -336,6 +357,9 @@ class Run:
             for fd, _ in poller.poll(timeout * 1000 + 0.5):
                 if fd == self._wake_r:
                     self._on_wake()
+                    continue
+                if fd == storage_fd:
+                    self._on_storage(confine.poll(prev.pids if prev is not None else []))
                     continue
                 chunk = os.read(child.status_fd, 65536)
                 if not chunk:  # the reaper is gone without saying the tree is empty
@@ -402,6 +426,14 @@ class Run:
             else:
                 self._alert(name, used, limit)
         return watched
+
+    def _on_storage(self, found: list[tuple[str, int, int, str]]) -> None:
+        """The workspace's limits after an inotify batch: breach, alert, or nothing."""
+        for name, used, limit, how in found:
+            if used > limit:
+                self._breach(name, used, limit, how)
+            else:
+                self._alert(name, used, limit)
 
     def _alert(self, limit: str, used: float, value: float) -> None:
         """At each alert fraction of a limit, once per run: the hook, the log, the result."""
@@ -506,10 +538,17 @@ class Run:
             return
         name = signal.Signals(sig).name
         if limit == "cpu_time":
-            observed = max(cpu, shown)
+            # The kernel's clock is exact, rusage is sampled: it may read a little under
+            # the soft limit the kernel just enforced.
+            soft = max(1, math.ceil(cpu_limit)) if cpu_limit is not None else 0
+            observed = max(cpu, shown, soft)
             self._breach(limit, observed, cpu_limit, f"{name}, pid {pid}", kernel=True)
         else:
-            value = self.plan.limit("file_size")
+            limit, value = (
+                self.confine.sigxfsz_limit()
+                if self.confine is not None
+                else (limit, self.plan.limit("file_size"))
+            )
             self._breach(limit, None, value, f"a write past it, {name}, pid {pid}", kernel=True)
 
     def _breach(
@@ -525,8 +564,11 @@ class Run:
             message = f"{limit} limit exceeded: {cap} ({how})"
         else:
             shown = format_limit(limit, observed)
-            if shown == cap and UNITS.get(limit) == "seconds":
-                shown = f"{observed:.3f} s"  # "3.00 s > 3.00 s" reads as no breach at all
+            if shown == cap:  # "3.00 s > 3.00 s" reads as no breach at all: be exact
+                if UNITS.get(limit) == "seconds":
+                    shown = f"{observed:.3f} s"
+                elif UNITS.get(limit) == "bytes":
+                    shown, cap = f"{int(observed)} bytes", f"{int(value)} bytes"
             message = f"{limit} limit exceeded: {shown} > {cap} ({how})"
         violation = Violation(limit, observed, value, message)
         if kill:
@@ -611,6 +653,8 @@ class Run:
         u.cpu_time = max(u.cpu_time, ru.ru_utime + ru.ru_stime - self._reaper_cpu)
 
     def _close(self) -> None:
+        if self.confine is not None:
+            self.confine.close()
         child = self.child
         if child is not None:
             child.close()
@@ -662,7 +706,13 @@ class Run:
         return res
 
     def _check_after_exit(self) -> None:
-        """The tree's exact CPU total (from the reaper's rusage) against cpu_time, at the end."""
+        """The tree's exact CPU total (from the reaper's rusage) against cpu_time, and the
+        workspace's last events (a command may write and exit within one poll)."""
+        confine = self.confine
+        if confine is not None and confine.tracker is not None:
+            self._on_storage(confine.poll([]))
+            self.result.usage.storage_bytes = confine.peak_bytes
+            self.result.usage.files = confine.peak_files
         cpu = self.plan.limit("cpu_time")
         used = self.result.usage.cpu_time
         if cpu is not None and used > cpu and self.result.violation is None:

@@ -423,14 +423,15 @@ BAD = [
     ("limits: 3\n", "policy.yaml:2 limits: expected a mapping (indented KEY: VALUE lines), got 3"),
     ("limit:\n  memory: 1GiB\n", "policy.yaml:2 limit: unknown key (did you mean limits?)"),
     ("3: x\n", "policy.yaml:2 3: unknown key"),
-    (
-        "workspace: null\n",
-        "policy.yaml:2 workspace: not supported yet by this version of supervise (remove the",
-    ),
-    (
-        "network: deny\n",
-        "policy.yaml:2 network: not supported yet by this version of supervise (remove the",
-    ),
+    ("network: none\n", 'policy.yaml:2 network: "none" is not one of: allow, deny'),
+    ("workspace: 3\n", "policy.yaml:2 workspace: expected a mapping"),
+    ("workspace:\n  quota: lots\n", 'policy.yaml:3 workspace.quota: "lots" is not a size'),
+    ("workspace:\n  max_files: 0\n", "policy.yaml:3 workspace.max_files: 0 is too small"),
+    ("workspace:\n  jail: on\n", "policy.yaml:3 workspace.jail: true is not one of: auto"),
+    ("workspace:\n  path: ''\n", 'policy.yaml:3 workspace.path: "" is not a path'),
+    ("workspace:\n  writable: /tmp\n", "policy.yaml:3 workspace.writable: expected a list"),
+    ("workspace:\n  readable: [1]\n", "policy.yaml:3 workspace.readable: 1 is not a path"),
+    ("workspace:\n  quotas: 1GiB\n", "policy.yaml:3 workspace.quotas: unknown key (did you"),
     (
         "budget:\n  run: {usd: 5}\n",
         "policy.yaml:2 budget: not supported yet by this version of supervise (remove the section)",
@@ -533,7 +534,7 @@ def test_every_problem_is_reported_in_file_order() -> None:
           memroy: 1GiB
           open_files: 2
         workspace:
-          path: /tmp
+          path: ''
         on_violation: kil
         env:
           inherit: PATH
@@ -544,7 +545,7 @@ def test_every_problem_is_reported_in_file_order() -> None:
         "policy.yaml:3",
         "policy.yaml:4",
         "policy.yaml:5",
-        "policy.yaml:6",
+        "policy.yaml:7",
         "policy.yaml:8",
         "policy.yaml:10",
     ]
@@ -662,10 +663,9 @@ def test_no_overrides_is_the_same_policy() -> None:
             "--set limits.memroy=1GiB: unknown key limits.memroy (did you mean limits.memory?)",
         ),
         ("bogus=1", "--set bogus=1: unknown key bogus (known keys: version, name"),
-        (
-            "workspace.path=/tmp",
-            "--set workspace.path=/tmp: workspace: not supported yet by this version of supervise",
-        ),
+        ("workspace.quota=lots", '--set workspace.quota=lots: "lots" is not a size'),
+        ("workspace.jail=maybe", '--set workspace.jail=maybe: "maybe" is not one of: auto'),
+        ("budget.run=1", "--set budget.run=1: budget: not supported yet by this version"),
         ("name.x=1", "--set name.x=1: name is not a section (try --set name=VALUE)"),
         ("env.set.=1", "--set env.set.=1: env.set. needs a name (e.g. --set env.set.FOO=bar)"),
         ("on_violation=kil", '--set on_violation=kil: "kil" is not one of: kill, warn'),

@@ -1,0 +1,227 @@
+"""What a run confines beyond the rlimits: the workspace (jail, quota, file caps), network.
+
+``Confinement`` is built before the spawn (it makes the workspace, scans it, and turns the
+policy into the reaper's words) and polled by the run loop after it:
+
+- the jail is Landlock in the command (``workspace.Workspace.jail_words``);
+- ``network: deny`` is a network namespace of the command's own (through a user namespace
+  when unprivileged), else Landlock's TCP rules (ABI 4); the run fails (125) when neither
+  is possible rather than run with the network on;
+- the quota is watched from inotify events (``_quota.QuotaTracker``) and the kernel helps:
+  RLIMIT_FSIZE of every process of the tree is lowered, as the quota fills, to what is left
+  (plus the largest file, so appending to one file can use the whole quota), and one byte
+  more: a write runs past the quota by at most one block, which the watcher sees as a
+  breach.  ``max_file_size`` is RLIMIT_FSIZE = max_file_size + 1 the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+from .errors import WorkspaceError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._plan import RunPlan
+    from ._quota import QuotaTracker
+    from .workspace import Workspace
+
+HELD_OPEN_EVERY = 0.5  # seconds between looks for deleted files the tree holds open
+
+
+class Confinement:
+    """The workspace and network confinement of one run."""
+
+    def __init__(self, plan: RunPlan, argv: list[str], env: dict[str, str]) -> None:
+        self.plan = plan
+        self.workspace: Workspace | None = None
+        self.tracker: QuotaTracker | None = None
+        self.words: list[str] = []
+        self.warnings: list[str] = []
+        self.landlock: dict[str, Any] | None = None
+        self.network: str | None = None
+        self.peak_bytes = 0
+        self.peak_files = 0
+        self._abi: int | None = None
+        self._fsize_hard: int | None = None
+        self._fsize_soft: int | None = None
+        self._held_at = 0.0
+        kills = plan.on_violation == "kill"
+        spec = plan.workspace
+        if spec is not None or plan.network == "deny":
+            from ._linux import landlock_abi
+
+            self._abi = landlock_abi()
+        if spec is not None:
+            self._setup_workspace(spec, argv, env)
+        if plan.network == "deny":
+            self._setup_network()
+        self._setup_fsize(kills)
+
+    # -- set-up -----------------------------------------------------------------------
+
+    def _setup_workspace(self, spec: dict[str, Any], argv: list[str], env: dict[str, str]) -> None:
+        from ._quota import QuotaTracker
+        from .workspace import Workspace
+
+        ws = self.workspace = Workspace(spec)
+        try:
+            ws.prepare()
+            jail = ws.jail_words(argv[0] if argv else "", env.get("PATH"), self._abi)
+            if any(spec.get(k) is not None for k in ("quota", "max_files", "max_file_size")):
+                try:
+                    self.tracker = ws.tracker = QuotaTracker(ws.path)
+                except OSError as e:
+                    raise WorkspaceError(
+                        f"cannot watch the workspace {ws.path}: {e.strerror} "
+                        "(raise fs.inotify.max_user_instances, or remove the quota limits)"
+                    ) from None
+                self._observe()
+        except WorkspaceError:
+            ws.cleanup()
+            raise
+        self.words += jail
+        if jail:
+            self.landlock = {
+                "abi": self._abi,
+                "writes": "workspace" + (" + writable" if ws.writable else ""),
+                "reads": "all" if ws.readable is None else "listed",
+            }
+            if "TMPDIR" not in self.plan.env_set:
+                env["TMPDIR"] = ws.path  # the only place the tree can make temporary files
+        elif spec.get("jail", "auto") == "auto" and self._abi is None:
+            self.warnings.append(
+                "workspace.jail: this kernel has no Landlock, so the command can write "
+                "outside its workspace (the quota still holds; jail: required refuses to run)"
+            )
+
+    def _setup_network(self) -> None:
+        from .workspace import NET_BIND_TCP, NET_CONNECT_TCP
+
+        if self._abi is not None and self._abi >= 4:
+            # A namespace first (no network at all); Landlock's TCP rules if it is refused.
+            self.words += ["netns=2", f"lnetfb={NET_BIND_TCP | NET_CONNECT_TCP:#x}"]
+        else:
+            self.words.append("netns=1")
+
+    def _setup_fsize(self, kills: bool) -> None:
+        """RLIMIT_FSIZE from limits.file_size and, when they kill, the workspace caps."""
+        caps = [self.plan.limit("file_size")] if kills else []
+        spec = self.plan.workspace or {}
+        if kills and spec.get("max_file_size") is not None:
+            caps.append(spec["max_file_size"] + 1)
+        caps = [int(c) for c in caps if c is not None]
+        if not caps:
+            return
+        self._fsize_hard = min(caps)
+        self._fsize_soft = self._quota_cap()
+
+    def fsize_words(self) -> list[str]:
+        """The reaper's RLIMIT_FSIZE word (soft:hard), if any."""
+        if self._fsize_hard is None:
+            return []
+        return [f"fsize={self._fsize_soft}:{self._fsize_hard}"]
+
+    def _quota_cap(self) -> int | None:
+        """The soft RLIMIT_FSIZE the quota allows now (never above the hard one)."""
+        hard = self._fsize_hard
+        quota: int | None = (self.plan.workspace or {}).get("quota")
+        if hard is None or quota is None or self.tracker is None:
+            return hard
+        used, _ = self.tracker.totals()
+        largest, _ = self.tracker.largest()
+        return max(0, min(hard, largest + max(0, quota - used) + 1))
+
+    def after_spawn(self, pid: int) -> None:
+        """Record how ``network: deny`` was enforced, from the command's namespaces."""
+        if self.plan.network != "deny":
+            return
+        try:
+            ours = os.readlink("/proc/self/ns/net")
+            theirs = os.readlink(f"/proc/{pid}/ns/net")
+        except OSError:
+            theirs = ours = ""
+        self.network = "namespace" if theirs != ours else "landlock-tcp"
+
+    # -- the run ----------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.tracker.fileno() if self.tracker is not None else -1
+
+    def poll(self, pids: list[int]) -> list[tuple[str, int, int, str]]:
+        """Fold inotify events in, lower the tree's RLIMIT_FSIZE if the quota filled, and
+        return the workspace's (limit, used, limit value, how) for the limits it has."""
+        if self.tracker is None:
+            return []
+        self.tracker.poll()
+        return self._observe(pids)
+
+    def held_open(self, pids: list[int], now: float) -> list[tuple[str, int, int, str]]:
+        """Now and then, once files were deleted: count those the tree still holds open."""
+        tracker = self.tracker
+        if tracker is None or not tracker.unlinked or now < self._held_at:
+            return []
+        self._held_at = now + HELD_OPEN_EVERY
+        before = tracker.held
+        if tracker.held_open(pids) == before:
+            return []
+        return self._observe(pids)
+
+    def _observe(self, pids: list[int] | None = None) -> list[tuple[str, int, int, str]]:
+        assert self.tracker is not None
+        used, files = self.tracker.totals()
+        self.peak_bytes = max(self.peak_bytes, used)
+        self.peak_files = max(self.peak_files, files)
+        if pids:
+            self._lower_fsize(pids)
+        spec = self.plan.workspace or {}
+        found = []
+        if spec.get("quota") is not None:
+            found.append(("storage", used, spec["quota"], "disk used by the workspace"))
+        if spec.get("max_files") is not None:
+            found.append(("files", files, spec["max_files"], "files and directories in it"))
+        if spec.get("max_file_size") is not None:
+            size, path = self.tracker.largest()
+            where = os.path.relpath(path, self.tracker.root) if path else "no file"
+            found.append(("max_file_size", size, spec["max_file_size"], where))
+        return found
+
+    def _lower_fsize(self, pids: list[int]) -> None:
+        soft, hard = self._quota_cap(), self._fsize_hard
+        if soft is None or hard is None or soft == self._fsize_soft:
+            return
+        self._fsize_soft = soft
+        for pid in pids:
+            try:
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+            except OSError:
+                pass  # gone, or it lowered its own hard limit further: fine either way
+
+    def sigxfsz_limit(self) -> tuple[str, int | None]:
+        """The limit a SIGXFSZ in the tree stands for now, and its value."""
+        spec = self.plan.workspace or {}
+        file_size = self.plan.limit("file_size")
+        soft, hard = self._fsize_soft, self._fsize_hard
+        if soft is not None and hard is not None and soft < hard and spec.get("quota"):
+            return "storage", spec["quota"]
+        mfs = spec.get("max_file_size")
+        if mfs is not None and (file_size is None or mfs + 1 <= file_size):
+            return "max_file_size", mfs
+        return "file_size", file_size
+
+    def enforced(self) -> dict[str, Any]:
+        """What run_start records."""
+        ws = self.workspace
+        return {
+            "landlock": self.landlock,
+            "network": self.network,
+            "workspace": None if ws is None else ws.path,
+            "quota": None if self.tracker is None else "inotify + RLIMIT_FSIZE",
+        }
+
+    def close(self) -> None:
+        if self.workspace is not None:
+            self.workspace.cleanup()
