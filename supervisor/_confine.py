@@ -49,6 +49,7 @@ class Confinement:
         self._fsize_hard: int | None = None
         self._fsize_soft: int | None = None
         self._held_at = 0.0
+        self._capped: set[int] = set()  # pids whose RLIMIT_FSIZE is _fsize_soft
         kills = plan.on_violation == "kill"
         spec = plan.workspace
         if spec is not None or plan.network == "deny":
@@ -114,26 +115,34 @@ class Confinement:
         if kills and spec.get("max_file_size") is not None:
             caps.append(spec["max_file_size"] + 1)
         caps = [int(c) for c in caps if c is not None]
-        if not caps:
+        quota = kills and spec.get("quota") is not None and self.tracker is not None
+        if not caps and not quota:
             return
-        self._fsize_hard = min(caps)
+        self._fsize_hard = min(caps) if caps else resource.RLIM_INFINITY
         self._fsize_soft = self._quota_cap()
 
     def fsize_words(self) -> list[str]:
-        """The reaper's RLIMIT_FSIZE word (soft:hard), if any."""
+        """The reaper's RLIMIT_FSIZE word (soft:hard; -1 is unlimited), if any."""
         if self._fsize_hard is None:
             return []
         return [f"fsize={self._fsize_soft}:{self._fsize_hard}"]
 
     def _quota_cap(self) -> int | None:
-        """The soft RLIMIT_FSIZE the quota allows now (never above the hard one)."""
+        """The soft RLIMIT_FSIZE the quota allows now (never above the hard one).
+
+        The largest file may grow by what is left of the quota; counting it by its own
+        blocks (not its size) keeps the cap right while writeback lags behind the writes.
+        """
         hard = self._fsize_hard
         quota: int | None = (self.plan.workspace or {}).get("quota")
         if hard is None or quota is None or self.tracker is None:
             return hard
         used, _ = self.tracker.totals()
-        largest, _ = self.tracker.largest()
-        return max(0, min(hard, largest + max(0, quota - used) + 1))
+        size, blocks = self.tracker.largest_file()
+        left = max(0, quota - used)
+        # A sparse largest file (size past its blocks) may still be extended by what is left.
+        room = max(quota - (used - blocks), size + left, 0) + 1
+        return room if hard == resource.RLIM_INFINITY else min(hard, room)
 
     def after_spawn(self, pid: int) -> None:
         """Record how ``network: deny`` was enforced, from the command's namespaces."""
@@ -191,10 +200,14 @@ class Confinement:
 
     def _lower_fsize(self, pids: list[int]) -> None:
         soft, hard = self._quota_cap(), self._fsize_hard
-        if soft is None or hard is None or soft == self._fsize_soft:
+        if soft is None or hard is None:
             return
-        self._fsize_soft = soft
-        for pid in pids:
+        if soft != self._fsize_soft:
+            self._fsize_soft = soft
+            self._capped.clear()
+        todo = [pid for pid in pids if pid not in self._capped]
+        self._capped.update(todo)
+        for pid in todo:
             try:
                 resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
             except OSError:
@@ -205,7 +218,9 @@ class Confinement:
         spec = self.plan.workspace or {}
         file_size = self.plan.limit("file_size")
         soft, hard = self._fsize_soft, self._fsize_hard
-        if soft is not None and hard is not None and soft < hard and spec.get("quota"):
+        if hard == resource.RLIM_INFINITY:
+            hard = None
+        if soft is not None and (hard is None or soft < hard) and spec.get("quota"):
             return "storage", spec["quota"]
         mfs = spec.get("max_file_size")
         if mfs is not None and (file_size is None or mfs + 1 <= file_size):

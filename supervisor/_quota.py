@@ -113,6 +113,12 @@ class QuotaTracker:
             self._largest = best
         return self._largest
 
+    def largest_file(self) -> tuple[int, int]:
+        """(size, allocated bytes) of the largest file."""
+        size, path = self.largest()
+        ino = self.entries.get(path)
+        return (size, self.inodes[ino][0]) if ino is not None else (0, 0)
+
     def poll(self) -> bool:
         """Fold the pending events in; True when anything may have changed."""
         dirty: set[str] = set()
@@ -126,7 +132,10 @@ class QuotaTracker:
         if overflow or self.degraded:
             self.rescan()
             return True
-        for path in dirty:
+        # A directory grows blocks as entries are added, without an event of its own.
+        parents = {p.rpartition("/")[0] for p in dirty}
+        parents.discard(self.root)
+        for path in dirty | parents:
             self._refresh(path)
         return bool(dirty)
 

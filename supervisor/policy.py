@@ -165,9 +165,7 @@ class WorkspacePolicy(_Model):
     path: Annotated[str | None, BeforeValidator(_workspace_path)] = None
     keep: bool = False
     quota: Size = 1 << 30
-    max_files: Annotated[int | None, _limit(_parse_count, 0, "a limit must be more than 0")] = (
-        10000
-    )
+    max_files: Annotated[int | None, _limit(_parse_count, 0, "a limit must be more than 0")] = 10000
     max_file_size: Size = 100 << 20
     jail: Literal["auto", "required", "off"] = "auto"
     writable: Annotated[list[str], BeforeValidator(_paths)] = Field(default_factory=list)

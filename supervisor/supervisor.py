@@ -16,10 +16,10 @@ import signal
 import sys
 import time
 
+from ._confine import Confinement
 from ._plan import RunPlan
 from .errors import SupervisorError
 from .result import UNITS, RunResult, Usage, Violation, format_limit, iso_time
-from ._confine import Confinement
 from .spawn import Child, build_env, reaper_path, spawn
 from .watch import Sample, TreeSampler, next_interval
 

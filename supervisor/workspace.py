@@ -220,9 +220,7 @@ class Workspace:
             existing, new = 0, True
         used, files = (0, 0) if self.tracker is None else self.tracker.totals()
         if self.quota is not None and used - existing + _allocated(size) > self.quota:
-            return False, (
-                f"over the quota: {used} bytes used + {size} > quota {self.quota} bytes"
-            )
+            return False, (f"over the quota: {used} bytes used + {size} > quota {self.quota} bytes")
         if new and self.max_files is not None and files + 1 > self.max_files:
             return False, f"over the file count: {files} files + 1 > max_files {self.max_files}"
         return True, "ok"
