@@ -1,7 +1,8 @@
 """A toy agent for the demo: plans, calls a tool (a subprocess), writes notes, finishes.
 
 With ``--stuck`` it loops forever after planning, the way a real agent does when a tool
-keeps failing; supervise's wall clock stops it.
+keeps failing; supervise's wall clock stops it.  With ``--greedy`` it tries to write
+outside its workspace, then writes files until its storage quota stops it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> int:
         notes.write(f"checksum {total}\n")
         notes.flush()
         print(f"agent: wrote notes to {notes.name}")
+    if "--greedy" in sys.argv:
+        greedy()
     attempt = 0
     while stuck:
         attempt += 1
@@ -33,6 +36,22 @@ def main() -> int:
         time.sleep(0.5)
     print("agent: done")
     return 0
+
+
+def greedy() -> None:
+    print(f"agent: working in {os.getcwd()}")
+    target = os.path.expanduser("~/agent-was-here")
+    try:
+        with open(target, "w") as f:
+            f.write("escaped\n")
+        print(f"agent: wrote {target} (no jail on this machine)")
+    except OSError as e:
+        print(f"agent: could not write {target}: {e.strerror}")
+    for i in range(1000):
+        with open(f"data-{i}.bin", "wb") as f:
+            f.write(os.urandom(1 << 20))
+        print(f"agent: wrote data-{i}.bin", flush=True)
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

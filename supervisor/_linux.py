@@ -73,6 +73,14 @@ def cgroup_v2() -> str | None:
     return f"{where} ({controllers}; {'delegated' if delegated else 'not writable'})"
 
 
+def _inotify_limit() -> int:
+    try:
+        with open("/proc/sys/fs/inotify/max_user_watches") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
 def capabilities() -> dict[str, dict[str, Any]]:
     """What ``supervise doctor`` reports: per mechanism, whether it is available here,
     what was found, and what supervise falls back to without it."""
@@ -114,8 +122,21 @@ def capabilities() -> dict[str, dict[str, Any]]:
         ),
         "landlock": row(
             abi is not None,
-            f"ABI {abi}" if abi is not None else "not in this kernel",
-            "no kernel path jail (the workspace issue decides: auto falls back, required fails)",
+            f"ABI {abi}: the workspace jail"
+            + (", signal scoping" if abi is not None and abi >= 6 else ""),
+            "no kernel path jail: jail: auto runs with the quota only, jail: required fails",
+        ),
+        "network_deny": row(
+            root or userns or (abi or 0) >= 4,
+            "a network namespace of the command's own"
+            if root or userns
+            else "Landlock TCP rules (ABI 4): TCP only, UDP and unix sockets stay open",
+            "none: a policy with network: deny fails to start (125)",
+        ),
+        "quota_watch": row(
+            _inotify_limit() > 0,
+            f"inotify, up to {_inotify_limit()} watched directories per user",
+            "none: a workspace with a quota fails to start (125)",
         ),
         "cgroup_v2": row(
             cgroups is not None, cgroups or "no v2 hierarchy", "not used: the watcher reads /proc"

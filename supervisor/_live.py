@@ -66,8 +66,11 @@ class LiveGauges:
         table.add_column(justify="right")
         table.add_column(width=30)
         table.add_column()
-        for limit, _peak in _GAUGES:
-            value = self.plan.limit(limit)
+        gauges = [(limit, self.plan.limit(limit)) for limit, _peak in _GAUGES]
+        ws = self.plan.workspace
+        if ws is not None:
+            gauges += [("storage", ws.get("quota")), ("files", ws.get("max_files"))]
+        for limit, value in gauges:
             used = self.current.get(limit, 0.0)
             if value is None:
                 table.add_row(limit, "", f"{format_limit(limit, used)} (no limit)")

@@ -226,8 +226,12 @@ class Run:
             if cap is not None:
                 words.append(f"nproc={cap}")
             ws = self.confine.workspace
+            argv = self.argv
+            if ws is not None and "/" in argv[0] and not os.path.isabs(argv[0]):
+                # ./tool means the tool here, not in the workspace the command starts in.
+                argv = [os.path.abspath(argv[0]), *argv[1:]]
             self.child = spawn(
-                self.argv,
+                argv,
                 rlimits=words,
                 env=env,
                 cwd=self.cwd if self.cwd is not None or ws is None else ws.path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -622,3 +623,21 @@ def test_network_allow_connects(listener: Any) -> None:
     result = Supervisor(Policy.from_dict({})).run([*python(CONNECT), str(port)])
     assert result.exit_code == 0
     assert wait_until(lambda: bool(accepted), timeout=5)
+
+
+def test_relative_command_path_is_taken_from_where_supervise_runs(tmp_path: Path) -> None:
+    """`supervise -w WS -- ./tool` runs ./tool of the caller's directory, inside WS."""
+    tool = tmp_path / "tool"
+    tool.write_text("#!/bin/sh\npwd\n")
+    tool.chmod(0o755)
+    done = supervise("-q", "-w", str(tmp_path / "ws"), "--", "./tool", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(tmp_path / "ws")
+
+
+def test_doctor_reports_jail_network_and_quota() -> None:
+    """doctor --json has a row for the jail, network: deny and the quota watch."""
+    done = supervise("doctor", "--json")
+    rows = json.loads(done.stdout)
+    assert {"landlock", "network_deny", "quota_watch"} <= set(rows)
+    assert rows["quota_watch"]["available"] is True
