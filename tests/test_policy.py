@@ -432,9 +432,42 @@ BAD = [
         "policy.yaml:2 network: not supported yet by this version of supervise (remove the",
     ),
     (
-        "budget:\n  run: {usd: 5}\n",
-        "policy.yaml:2 budget: not supported yet by this version of supervise (remove the section)",
+        "budget:\n  daily:\n    usd: lots\n",
+        'policy.yaml:4 budget.daily.usd: "lots" is not an amount of money (try 5 or "$5")',
     ),
+    (
+        "budget:\n  run:\n    usd: 0.0000001\n",
+        "policy.yaml:4 budget.run.usd: 1e-07 is finer than a micro-dollar (use at most 6 decimals)",
+    ),
+    ("budget:\n  run:\n    calls: -1\n", "policy.yaml:4 budget.run.calls: -1 is negative"),
+    (
+        "budget:\n  rate:\n    calls_per_minute: many\n",
+        'policy.yaml:4 budget.rate.calls_per_minute: "many" is not a whole number (try 100)',
+    ),
+    (
+        "budget:\n  store: mysql://db\n",
+        'policy.yaml:3 budget.store: "mysql://db" is not a store URL (try sqlite:////',
+    ),
+    ("budget:\n  store: 'sqlite:///'\n", 'policy.yaml:3 budget.store: "sqlite:///" names no'),
+    (
+        "budget:\n  timezone: Mars/Base\n",
+        'policy.yaml:3 budget.timezone: "Mars/Base" is not a time zone (try UTC or Europe/Paris)',
+    ),
+    ("budget:\n  alerts: [0.5, 2]\n", "policy.yaml:3 budget.alerts[1]: 2 is not a fraction"),
+    (
+        "budget:\n  pricing:\n    my-model: {input: 1}\n",
+        "policy.yaml:4 budget.pricing.my-model.output: is required",
+    ),
+    (
+        "budget:\n  pricing:\n    my-model: {input: cheap, output: 1}\n",
+        'policy.yaml:4 budget.pricing.my-model.input: "cheap" is not an amount of money',
+    ),
+    (
+        "budget:\n  unknown_model: allow\n",
+        'policy.yaml:3 budget.unknown_model: "allow" is not one of: deny, free',
+    ),
+    ("budget:\n  dialy: {usd: 1}\n", "policy.yaml:3 budget.dialy: unknown key (did you mean daily?)"),
+    ("budget: 5\n", "policy.yaml:2 budget: expected a mapping (indented KEY: VALUE lines), got 5"),
     ("on_violation: kil\n", 'policy.yaml:2 on_violation: "kil" is not one of: kill, warn'),
     ("on_violation: yes\n", "policy.yaml:2 on_violation: true is not one of: kill, warn"),
     ("grace: -1s\n", 'policy.yaml:2 grace: "-1s" is negative (durations cannot be)'),
@@ -596,9 +629,9 @@ def test_from_dict() -> None:
     assert (policy.limits.memory, policy.on_violation, policy.source) == (GiB, "warn", "<dict>")
     assert policy.source_text is None
     with pytest.raises(PolicyError) as info:
-        Policy.from_dict({"limits": {"memory": "x"}, "budget": {}})
+        Policy.from_dict({"limits": {"memory": "x"}, "network": "deny"})
     assert info.value.problems == [
-        "<dict> budget: not supported yet by this version of supervise (remove the section)",
+        "<dict> network: not supported yet by this version of supervise (remove the section)",
         '<dict> limits.memory: "x" is not a size (try 512MiB or 2GiB)',
     ]
 
