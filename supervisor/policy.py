@@ -518,7 +518,9 @@ def _check_path(path: _Loc) -> str | None:
 def _put(data: dict[str, Any], path: _Loc, value: object) -> str | None:
     node: Any = data
     for depth, part in enumerate(path[:-1]):
-        if node.get(part) is None and path[: depth + 1] in _SECTIONS:
+        if node.get(part) is None and (
+            path[: depth + 1] in _SECTIONS or path[: depth + 1] in _NAMED
+        ):
             node[part] = {}  # e.g. --set budget.daily.usd=5 on a policy without a budget
         node = node.get(part)
         if not isinstance(node, dict):

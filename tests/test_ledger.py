@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import GLOBAL_TIMEOUT, RedisServer, python
+
 from supervisor.budget._policy import BudgetPolicy
 from supervisor.budget.ledger import Ledger, default_store_url, open_store
 from supervisor.errors import (
@@ -96,7 +96,12 @@ def test_commit_over_the_hold_is_written_then_raised(make: Callable[..., Ledger]
     with pytest.raises(BudgetExceeded) as info:
         ledger.commit(hold.id, input_tokens=1000, output_tokens=1500)
     error = info.value
-    assert (error.scope, error.limit, error.used, error.limit_value) == ("run", "tokens", 2500, 2000)
+    assert (error.scope, error.limit, error.used, error.limit_value) == (
+        "run",
+        "tokens",
+        2500,
+        2000,
+    )
     assert error.charge is not None and error.charge.tokens == 2500
     assert scope(ledger, "run").tokens.used == 2500 and scope(ledger, "run").tokens.held == 0
 

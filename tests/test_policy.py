@@ -466,7 +466,10 @@ BAD = [
         "budget:\n  unknown_model: allow\n",
         'policy.yaml:3 budget.unknown_model: "allow" is not one of: deny, free',
     ),
-    ("budget:\n  dialy: {usd: 1}\n", "policy.yaml:3 budget.dialy: unknown key (did you mean daily?)"),
+    (
+        "budget:\n  dialy: {usd: 1}\n",
+        "policy.yaml:3 budget.dialy: unknown key (did you mean daily?)",
+    ),
     ("budget: 5\n", "policy.yaml:2 budget: expected a mapping (indented KEY: VALUE lines), got 5"),
     ("on_violation: kil\n", 'policy.yaml:2 on_violation: "kil" is not one of: kill, warn'),
     ("on_violation: yes\n", "policy.yaml:2 on_violation: true is not one of: kill, warn"),
@@ -786,3 +789,69 @@ def test_equality_ignores_the_source() -> None:
     """Policies are equal when they enforce the same thing, wherever they were read from."""
     assert Policy.default() == Policy.from_yaml(Policy.default().to_yaml(), source="x.yaml")
     assert Policy.default() != Policy.default().with_overrides(["name=other"])
+
+
+# --- the budget section ------------------------------------------------------------------
+
+
+def test_budget_section_is_exact() -> None:
+    """Budget limits are whole counts and Decimal USD; prices are Decimal USD per million."""
+    policy = Policy.from_yaml(
+        textwrap.dedent(
+            """\
+            budget:
+              run: {calls: 100, tokens: 1000000, usd: 5.10}
+              daily: {usd: "$0.000001"}
+              rate: {calls_per_minute: 60}
+              pricing:
+                my-local-model: {input: 0.10, output: 0.20, cached_input: 0.01}
+              unknown_model: free
+              timezone: Europe/Paris
+            """
+        )
+    )
+    budget = policy.budget
+    assert budget is not None
+    assert (budget.run.calls, budget.run.tokens, budget.run.usd) == (100, 10**6, Decimal("5.10"))
+    assert budget.daily.usd == Decimal("0.000001") and budget.monthly.usd is None
+    assert budget.pricing["my-local-model"].cached_input == Decimal("0.01")
+    assert (budget.unknown_model, budget.alerts, budget.timezone) == (
+        "free", [0.8, 0.9], "Europe/Paris"
+    )  # fmt: skip
+    assert Policy.from_yaml(policy.to_yaml()) == policy
+
+
+def test_no_budget_section_means_no_budget() -> None:
+    """A policy without budget has budget None (the default policy included)."""
+    assert Policy.default().budget is None
+    assert Policy.from_yaml("budget: null\n").budget is None
+
+
+def test_budget_overrides_with_set() -> None:
+    """--set reaches budget keys even when the policy has no budget; model names keep dots."""
+    policy = Policy.default().with_overrides(
+        ["budget.daily.usd=3", "budget.pricing.gpt-4.1={input: 2, output: 8}"]
+    )
+    assert policy.budget is not None and policy.budget.daily.usd == Decimal(3)
+    assert policy.budget.pricing["gpt-4.1"].output == Decimal(8)
+    assert set_problems("budget.daily.usd=lots") == [
+        '--set budget.daily.usd=lots: "lots" is not an amount of money (try 5 or "$5")'
+    ]
+
+
+def test_store_urls() -> None:
+    """SQLAlchemy-style sqlite URLs and redis/rediss URLs are accepted; others are not."""
+    from supervisor.budget._policy import parse_store_url
+
+    assert parse_store_url("sqlite:///rel/b.db") == ("sqlite", "rel/b.db")
+    assert parse_store_url("sqlite:////abs/b.db") == ("sqlite", "/abs/b.db")
+    assert parse_store_url("rediss://h:6380/1") == ("redis", "rediss://h:6380/1")
+    for bad in ("postgres://x", "redis:///0", "sqlite://x"):
+        with pytest.raises(ValueError):
+            parse_store_url(bad)
+
+
+def test_research_agent_policy_has_a_budget() -> None:
+    """The shipped research-agent policy limits its spend per run, day and month."""
+    budget = Policy.load(ROOT / "policies" / "research-agent.yaml").budget
+    assert budget is not None and budget.run.usd == Decimal(5) and budget.daily.usd == Decimal(20)

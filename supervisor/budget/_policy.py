@@ -29,7 +29,7 @@ def _count(value: object) -> int | None:
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
     elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        number = int(value)
+        number = int(value.strip())
     else:
         raise ValueError(f"{show(value)} is not a whole number (try 100)")
     if number < 0:

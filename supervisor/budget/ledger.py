@@ -212,13 +212,8 @@ def _limits(budget: BudgetPolicy, scope: str) -> list[int | None]:
 
 
 def _amounts(scope: str, key: str, row: list[int], limits: list[int | None]) -> ScopeUsage:
-    calls, tokens, usd = (
-        Amount(row[i], row[i + 3], limits[i]) if i < 2 else None for i in range(3)
-    )
-    money = Amount(
-        to_usd(row[2]), to_usd(row[5]), None if limits[2] is None else to_usd(limits[2])
-    )
-    assert calls is not None and tokens is not None
+    calls, tokens = (Amount(row[i], row[i + 3], limits[i]) for i in range(2))
+    money = Amount(to_usd(row[2]), to_usd(row[5]), None if limits[2] is None else to_usd(limits[2]))
     return ScopeUsage(scope, key, calls, tokens, money)
 
 
@@ -385,7 +380,8 @@ class Ledger:
         run_sid = f"run:{self.run_id}"
         rows: dict[str, list[int]] = answer["scopes"]
         delta: list[int] = answer["delta"]
-        alerts, exceeded = [], None
+        alerts: list[Alert] = []
+        exceeded: tuple[str, str, int, Any, Any, Any] | None = None
         for sid, row in rows.items():
             scope, _, key = sid.partition(":")
             limits = self._limits.get(scope)
@@ -553,8 +549,7 @@ def _usage(
     answer = store.usage({"agent": agent, "scopes": [s[0] for s in scopes], "now": now})
     rows: dict[str, list[int]] = answer["scopes"]
     found = [
-        _amounts(scope, key, rows.get(sid) or [0] * 6, limits)
-        for sid, scope, key, limits in scopes
+        _amounts(scope, key, rows.get(sid) or [0] * 6, limits) for sid, scope, key, limits in scopes
     ]
     calls, tokens = answer["rate"]
     found.append(

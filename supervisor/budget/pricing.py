@@ -186,7 +186,7 @@ class Prices:
         return result
 
     def table(self, pattern: str | None = None) -> list[PriceRow]:
-        """Every priced model matching ``pattern`` (a glob, or else a substring), overrides first."""
+        """Every priced model matching ``pattern`` (a glob, else a substring), overrides first."""
 
         def matches(*names: str) -> bool:
             if not pattern:
@@ -194,13 +194,23 @@ class Prices:
             glob = any(ch in pattern for ch in "*?[")
             for name in names:
                 low, pat = name.lower(), pattern.lower()
-                if (fnmatch.fnmatchcase(low, pat) if glob else pat in low):
+                if fnmatch.fnmatchcase(low, pat) if glob else pat in low:
                     return True
             return False
 
         rows = [
-            PriceRow("policy", name, *(prices[part] for part in _PARTS), False, "policy")
-            for name, prices in self._overrides.items()
+            PriceRow(
+                "policy",
+                name,
+                p["input"],
+                p["output"],
+                p["cached_input"],
+                p["cache_write"],
+                p["reasoning"],
+                False,
+                "policy",
+            )
+            for name, p in self._overrides.items()
             if matches(name)
         ]
         from datetime import UTC, datetime
@@ -218,5 +228,8 @@ class Prices:
                 values = [v.base if isinstance(v, types.TieredPrices) else v for v in raw]
                 if values[0] is None and values[1] is None:
                     continue  # priced per image, per second...: not a token model
-                rows.append(PriceRow(provider.id, info.id, *values, tiered, self.version))
+                inp, out, cached, write, reasoning = values
+                row = PriceRow(provider.id, info.id, inp, out, cached, write, reasoning, tiered,
+                               self.version)  # fmt: skip
+                rows.append(row)
         return rows

@@ -379,7 +379,8 @@ class RedisStore:
                     "tokens": int(out[3]), "expires": float(_text(out[4]))}  # fmt: skip
         if verdict == "deny":
             return {"verdict": "deny", "scope": _text(out[1]), "limit": int(out[2]),
-                    "used": int(out[3]), "held": int(out[4]), "limit_value": int(out[5])}  # fmt: skip
+                    "used": int(out[3]), "held": int(out[4]),
+                    "limit_value": int(out[5])}  # fmt: skip
         return {"verdict": "rate", "limit": int(out[1]), "used": int(out[2]),
                 "limit_value": int(out[3]), "retry_after": float(_text(out[4]))}  # fmt: skip
 
@@ -434,7 +435,9 @@ class RedisStore:
             entries = self._client.xrange(f"sv:{{{_tag(agent)}}}:events")
         except self._errors as error:
             raise StoreUnavailable(self.url, str(error) or type(error).__name__) from None
-        return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
+        return [
+            {_text(k): _text(v) for k, v in (fields or {}).items()} for _, fields in entries or []
+        ]
 
     def close(self) -> None:
         self._client.close()

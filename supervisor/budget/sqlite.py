@@ -124,7 +124,7 @@ class SQLiteStore:
     def _has_schema(self) -> bool:
         assert self._db is not None
         row = self._db.execute(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = 'events_no_delete'"
+            "SELECT count(*) FROM sqlite_master WHERE name = 'events_no_delete'"
         ).fetchone()
         return bool(row[0])
 
@@ -172,7 +172,9 @@ class SQLiteStore:
     # --- helpers, inside a transaction --------------------------------------------------------
 
     @staticmethod
-    def _event(db: sqlite3.Connection, now: float, kind: str, op: dict[str, Any], **kw: Any) -> None:
+    def _event(
+        db: sqlite3.Connection, now: float, kind: str, op: dict[str, Any], **kw: Any
+    ) -> None:
         event = op.get("event") or {}
         amount = kw.get("amount") or (None, None, None)
         db.execute(
@@ -263,8 +265,8 @@ class SQLiteStore:
                 row = rows[sid]
                 for i, limit in enumerate(limits):
                     if limit is not None and row[i] + row[i + 3] + amount[i] > limit:
-                        self._event(db, now, "deny", op, scope=sid, amount=amount,
-                                    detail={"limit": i, "used": row[i], "held": row[i + 3]})  # fmt: skip
+                        detail = {"limit": i, "used": row[i], "held": row[i + 3]}
+                        self._event(db, now, "deny", op, scope=sid, amount=amount, detail=detail)
                         return {"verdict": "deny", "scope": sid, "limit": i, "used": row[i],
                                 "held": row[i + 3], "limit_value": limit}  # fmt: skip
             rate = op["rate"]
