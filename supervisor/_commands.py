@@ -1,4 +1,4 @@
-"""The subcommands of ``supervise`` (click): ``check``, ``audit``, ``doctor``.
+"""The subcommands of ``supervise`` (click): check, audit, doctor, budget and models.
 
 Imported only when a subcommand is named, so runs never pay for click.
 """
@@ -115,6 +115,16 @@ def doctor(as_json: bool) -> None:
         click.echo(f"{key:<{width}}  {mark}  {row['detail']}")
         if row["fallback"]:
             click.echo(f"{'':<{width}}       fallback: {row['fallback']}")
+
+
+def _add_budget_commands() -> None:
+    from ._budget_commands import budget, models
+
+    cli.add_command(budget)
+    cli.add_command(models)
+
+
+_add_budget_commands()
 
 
 def commands(args: list[str]) -> int:

@@ -43,7 +43,10 @@ __all__ = [
     "format_event", "parse_since", "read_events", "verify",
 ]  # fmt: skip
 
-EVENTS = ("run_start", "warning", "denied", "violation", "rpc_error", "unsettled", "run_end")
+EVENTS = (
+    "run_start", "warning", "denied", "violation", "rpc_error", "unsettled", "run_end",
+    "budget_reset",
+)  # fmt: skip
 KEYS = (
     "ts", "seq", "run_id", "agent", "session", "event", "limit", "observed",
     "limit_value", "unit", "action", "detail", "prev", "hash",

@@ -2,7 +2,8 @@
 
 ``supervise [options] [--] COMMAND...`` is parsed by hand: click, pydantic and yaml cost
 ~9x a bare ``python -c pass`` to import, and a supervisor that wraps every tool call must
-start fast.  The subcommands (``check``, ``audit``, ``doctor``...) go through click.
+start fast.  The subcommands (``check``, ``audit``, ``budget``, ``models``, ``doctor``) go
+through click.
 Errors map to exit statuses here: 125 supervise's own, 126/127 the command's.
 """
 
@@ -20,9 +21,9 @@ if TYPE_CHECKING:
     from ._plan import RunPlan
     from .result import RunResult
 
-SUBCOMMANDS = ("run", "check", "audit", "doctor")
+SUBCOMMANDS = ("run", "check", "audit", "doctor", "budget", "models")
 # SPEC's subcommands whose features have not landed: refused by name, never run as programs.
-PLANNED = {"report": "reports", "budget": "budgets", "models": "the price table"}
+PLANNED = {"report": "reports"}
 
 USAGE = """\
 Usage: supervise [OPTIONS] [--] COMMAND [ARGS]...
@@ -30,6 +31,9 @@ Usage: supervise [OPTIONS] [--] COMMAND [ARGS]...
        supervise check POLICY...
        supervise audit [LOG]... [--verify] [--agent ID] [--session ID] [--event KIND]
                        [--limit NAME] [--since WHEN] [--json]
+       supervise budget status [--agent ID] [--session ID] [--store URL] [--policy FILE] [--json]
+       supervise budget reset --agent ID [--period run|session|daily|monthly] [--store URL]
+       supervise models [PATTERN] [--policy FILE] [--json]
        supervise doctor [--json]
 
 Run COMMAND under a policy's limits; stop the whole process tree on a breach.

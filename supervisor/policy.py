@@ -7,8 +7,8 @@ with one line per problem, each naming the file, the line and the key path::
 
 Sizes are stored in bytes and durations in seconds; absent limits are ``None`` (not limited).
 ``with_overrides`` applies ``--set KEY=VALUE`` items; ``sha256`` fingerprints the effective
-policy for the audit log. The section ``budget`` belongs to the product's schema but is not
-built yet, so a policy that has it is refused, never ignored.
+policy for the audit log. The ``budget`` section's models live in
+``supervisor.budget._policy``.
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ from pydantic_core import ErrorDetails
 
 from supervisor._hash import sha256
 from supervisor._units import compact_duration, compact_size, parse_duration, parse_size, show
+from supervisor.budget._policy import BudgetPolicy, RateLimits, ScopeLimits
 from supervisor.errors import PolicyError
 
 __all__ = ["EnvPolicy", "Limits", "Policy", "WorkspacePolicy"]
 
 _Loc = tuple[str | int, ...]
 
-# In the product's schema, refused until they are built: silently ignoring a budget or a
-# network rule would let a run think it is limited when it is not.
-_UNBUILT = ("budget",)
+# Sections of the product's schema that are not built yet are refused, never ignored: a
+# limit that is silently dropped would let a run think it is limited when it is not.
+_UNBUILT: tuple[str, ...] = ()
 
 
 def _limit(parse: Callable[[object], float], minimum: float = 0, why: str = "") -> Any:
@@ -191,6 +192,7 @@ class Policy(_Model):
     on_violation: Literal["kill", "warn"] = "kill"
     grace: Annotated[float, BeforeValidator(parse_duration)] = 2.0
     env: EnvPolicy = Field(default_factory=EnvPolicy)
+    budget: BudgetPolicy | None = None
     audit: str | None = None
 
     _source: str = PrivateAttr(default="<dict>")
@@ -340,9 +342,9 @@ class Policy(_Model):
         for index, item in enumerate(items):
             key, equals, raw = item.partition("=")
             path: _Loc = tuple(key.strip().split("."))
-            if path[:2] == ("env", "set") and len(path) > 2:
-                # Variable names may contain dots; everything after env.set. is the name.
-                path = ("env", "set", ".".join(str(part) for part in path[2:]))
+            if path[:2] in _NAMED and len(path) > 2:
+                # Variable and model names may contain dots; all after env.set. is the name.
+                path = (*path[:2], ".".join(str(part) for part in path[2:]))
             trouble = _check_path(path) if equals and key.strip() else _KEY_VALUE
             if trouble is None:
                 try:
@@ -406,7 +408,13 @@ _SECTIONS: dict[_Loc, type[BaseModel]] = {
     ("limits",): Limits,
     ("workspace",): WorkspacePolicy,
     ("env",): EnvPolicy,
+    ("budget",): BudgetPolicy,
+    **{("budget", scope): ScopeLimits for scope in ("run", "session", "daily", "monthly")},
+    ("budget", "rate"): RateLimits,
 }
+# Mappings whose keys are names, not schema: everything after the prefix is one name
+# (variable and model names may contain dots).
+_NAMED = {("env", "set"): "env.set.FOO=bar", ("budget", "pricing"): "budget.pricing.NAME={...}"}
 
 
 @functools.cache
@@ -530,8 +538,9 @@ def _check_path(path: _Loc) -> str | None:
     section: _Loc = ()
     for depth, part in enumerate(path):
         if section not in _SECTIONS:
-            if section == ("env", "set") and depth == len(path) - 1:
-                return None if part else "env.set. needs a name (e.g. --set env.set.FOO=bar)"
+            if section in _NAMED and depth == len(path) - 1:
+                example = _NAMED[section]
+                return None if part else f"{_dotted(section)}. needs a name (e.g. --set {example})"
             return f"{_dotted(section)} is not a section (try --set {_dotted(section)}=VALUE)"
         if depth == 0 and part in _UNBUILT:
             return f"{part}: not supported yet by this version of supervise"
@@ -544,8 +553,10 @@ def _check_path(path: _Loc) -> str | None:
 def _put(data: dict[str, Any], path: _Loc, value: object) -> str | None:
     node: Any = data
     for depth, part in enumerate(path[:-1]):
-        if node.get(part) is None and path[: depth + 1] in _SECTIONS:
-            node[part] = {}  # --set workspace.quota=1GiB on a policy without a workspace
+        if node.get(part) is None and (
+            path[: depth + 1] in _SECTIONS or path[: depth + 1] in _NAMED
+        ):
+            node[part] = {}  # e.g. --set budget.daily.usd=5 on a policy without a budget
         node = node.get(part)
         if not isinstance(node, dict):
             where = _dotted(path[: depth + 1])

@@ -106,3 +106,67 @@ def supervise(
         check=False,
         **kw,
     )
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, without persistence; ``stop()`` kills it."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (scripts/test installs it with apt-get)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        # Without the test's tag: a server shared by a module must not count as a leftover.
+        env = {k: v for k, v in os.environ.items() if k != TAG}
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )  # fmt: skip
+        import socket
+
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        if not wait_until(up, timeout=10):
+            self.stop()
+            pytest.fail("redis-server did not start")
+
+    def flush(self) -> None:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(b"FLUSHALL\r\n")
+            s.recv(16)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=GLOBAL_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server per test module, flushed by the tests that use it."""
+    server = RedisServer()
+    yield server
+    server.stop()

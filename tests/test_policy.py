@@ -433,9 +433,45 @@ BAD = [
     ("workspace:\n  readable: [1]\n", "policy.yaml:3 workspace.readable: 1 is not a path"),
     ("workspace:\n  quotas: 1GiB\n", "policy.yaml:3 workspace.quotas: unknown key (did you"),
     (
-        "budget:\n  run: {usd: 5}\n",
-        "policy.yaml:2 budget: not supported yet by this version of supervise (remove the section)",
+        "budget:\n  daily:\n    usd: lots\n",
+        'policy.yaml:4 budget.daily.usd: "lots" is not an amount of money (try 5 or "$5")',
     ),
+    (
+        "budget:\n  run:\n    usd: 0.0000001\n",
+        "policy.yaml:4 budget.run.usd: 1e-07 is finer than a micro-dollar (use at most 6 decimals)",
+    ),
+    ("budget:\n  run:\n    calls: -1\n", "policy.yaml:4 budget.run.calls: -1 is negative"),
+    (
+        "budget:\n  rate:\n    calls_per_minute: many\n",
+        'policy.yaml:4 budget.rate.calls_per_minute: "many" is not a whole number (try 100)',
+    ),
+    (
+        "budget:\n  store: mysql://db\n",
+        'policy.yaml:3 budget.store: "mysql://db" is not a store URL (try sqlite:////',
+    ),
+    ("budget:\n  store: 'sqlite:///'\n", 'policy.yaml:3 budget.store: "sqlite:///" names no'),
+    (
+        "budget:\n  timezone: Mars/Base\n",
+        'policy.yaml:3 budget.timezone: "Mars/Base" is not a time zone (try UTC or Europe/Paris)',
+    ),
+    ("budget:\n  alerts: [0.5, 2]\n", "policy.yaml:3 budget.alerts[1]: 2 is not a fraction"),
+    (
+        "budget:\n  pricing:\n    my-model: {input: 1}\n",
+        "policy.yaml:4 budget.pricing.my-model.output: is required",
+    ),
+    (
+        "budget:\n  pricing:\n    my-model: {input: cheap, output: 1}\n",
+        'policy.yaml:4 budget.pricing.my-model.input: "cheap" is not an amount of money',
+    ),
+    (
+        "budget:\n  unknown_model: allow\n",
+        'policy.yaml:3 budget.unknown_model: "allow" is not one of: deny, free',
+    ),
+    (
+        "budget:\n  dialy: {usd: 1}\n",
+        "policy.yaml:3 budget.dialy: unknown key (did you mean daily?)",
+    ),
+    ("budget: 5\n", "policy.yaml:2 budget: expected a mapping (indented KEY: VALUE lines), got 5"),
     ("on_violation: kil\n", 'policy.yaml:2 on_violation: "kil" is not one of: kill, warn'),
     ("on_violation: yes\n", "policy.yaml:2 on_violation: true is not one of: kill, warn"),
     ("grace: -1s\n", 'policy.yaml:2 grace: "-1s" is negative (durations cannot be)'),
@@ -597,10 +633,10 @@ def test_from_dict() -> None:
     assert (policy.limits.memory, policy.on_violation, policy.source) == (GiB, "warn", "<dict>")
     assert policy.source_text is None
     with pytest.raises(PolicyError) as info:
-        Policy.from_dict({"limits": {"memory": "x"}, "budget": {}})
+        Policy.from_dict({"limits": {"memory": "x"}, "network": "none"})
     assert info.value.problems == [
-        "<dict> budget: not supported yet by this version of supervise (remove the section)",
         '<dict> limits.memory: "x" is not a size (try 512MiB or 2GiB)',
+        '<dict> network: "none" is not one of: allow, deny',
     ]
 
 
@@ -665,7 +701,7 @@ def test_no_overrides_is_the_same_policy() -> None:
         ("bogus=1", "--set bogus=1: unknown key bogus (known keys: version, name"),
         ("workspace.quota=lots", '--set workspace.quota=lots: "lots" is not a size'),
         ("workspace.jail=maybe", '--set workspace.jail=maybe: "maybe" is not one of: auto'),
-        ("budget.run=1", "--set budget.run=1: budget: not supported yet by this version"),
+        ("budget.run=1", "--set budget.run=1: expected a mapping (indented KEY: VALUE lines)"),
         ("name.x=1", "--set name.x=1: name is not a section (try --set name=VALUE)"),
         ("env.set.=1", "--set env.set.=1: env.set. needs a name (e.g. --set env.set.FOO=bar)"),
         ("on_violation=kil", '--set on_violation=kil: "kil" is not one of: kill, warn'),
@@ -753,3 +789,69 @@ def test_equality_ignores_the_source() -> None:
     """Policies are equal when they enforce the same thing, wherever they were read from."""
     assert Policy.default() == Policy.from_yaml(Policy.default().to_yaml(), source="x.yaml")
     assert Policy.default() != Policy.default().with_overrides(["name=other"])
+
+
+# --- the budget section ------------------------------------------------------------------
+
+
+def test_budget_section_is_exact() -> None:
+    """Budget limits are whole counts and Decimal USD; prices are Decimal USD per million."""
+    policy = Policy.from_yaml(
+        textwrap.dedent(
+            """\
+            budget:
+              run: {calls: 100, tokens: 1000000, usd: 5.10}
+              daily: {usd: "$0.000001"}
+              rate: {calls_per_minute: 60}
+              pricing:
+                my-local-model: {input: 0.10, output: 0.20, cached_input: 0.01}
+              unknown_model: free
+              timezone: Europe/Paris
+            """
+        )
+    )
+    budget = policy.budget
+    assert budget is not None
+    assert (budget.run.calls, budget.run.tokens, budget.run.usd) == (100, 10**6, Decimal("5.10"))
+    assert budget.daily.usd == Decimal("0.000001") and budget.monthly.usd is None
+    assert budget.pricing["my-local-model"].cached_input == Decimal("0.01")
+    assert (budget.unknown_model, budget.alerts, budget.timezone) == (
+        "free", [0.8, 0.9], "Europe/Paris"
+    )  # fmt: skip
+    assert Policy.from_yaml(policy.to_yaml()) == policy
+
+
+def test_no_budget_section_means_no_budget() -> None:
+    """A policy without budget has budget None (the default policy included)."""
+    assert Policy.default().budget is None
+    assert Policy.from_yaml("budget: null\n").budget is None
+
+
+def test_budget_overrides_with_set() -> None:
+    """--set reaches budget keys even when the policy has no budget; model names keep dots."""
+    policy = Policy.default().with_overrides(
+        ["budget.daily.usd=3", "budget.pricing.gpt-4.1={input: 2, output: 8}"]
+    )
+    assert policy.budget is not None and policy.budget.daily.usd == Decimal(3)
+    assert policy.budget.pricing["gpt-4.1"].output == Decimal(8)
+    assert set_problems("budget.daily.usd=lots") == [
+        '--set budget.daily.usd=lots: "lots" is not an amount of money (try 5 or "$5")'
+    ]
+
+
+def test_store_urls() -> None:
+    """SQLAlchemy-style sqlite URLs and redis/rediss URLs are accepted; others are not."""
+    from supervisor.budget._policy import parse_store_url
+
+    assert parse_store_url("sqlite:///rel/b.db") == ("sqlite", "rel/b.db")
+    assert parse_store_url("sqlite:////abs/b.db") == ("sqlite", "/abs/b.db")
+    assert parse_store_url("rediss://h:6380/1") == ("redis", "rediss://h:6380/1")
+    for bad in ("postgres://x", "redis:///0", "sqlite://x"):
+        with pytest.raises(ValueError):
+            parse_store_url(bad)
+
+
+def test_research_agent_policy_has_a_budget() -> None:
+    """The shipped research-agent policy limits its spend per run, day and month."""
+    budget = Policy.load(ROOT / "policies" / "research-agent.yaml").budget
+    assert budget is not None and budget.run.usd == Decimal(5) and budget.daily.usd == Decimal(20)

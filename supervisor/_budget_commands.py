@@ -1,0 +1,189 @@
+"""``supervise budget status|reset`` and ``supervise models``: the ledger and the price table.
+
+Registered on the click group of ``_commands``; imported only when one of them is named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from ._units import format_money
+
+
+def _budget_of(policy_path: str | None) -> tuple[Any, str | None]:
+    """(BudgetPolicy, the policy's agent) of --policy FILE, else of the default policy."""
+    from .budget._policy import BudgetPolicy
+    from .policy import Policy
+
+    policy = Policy.load(policy_path) if policy_path else Policy.default()
+    return policy.budget or BudgetPolicy(), policy.agent
+
+
+def _store_of(url: str | None, budget: Any) -> Any:
+    from .budget.ledger import open_store
+
+    return open_store(url or budget.store)
+
+
+def _cell(value: Any, money: bool) -> str:
+    if value is None:
+        return "-"
+    return format_money(value) if money else str(value)
+
+
+@click.group()
+def budget() -> None:
+    """The budget ledger: what each scope used, held and may spend."""
+
+
+@budget.command()
+@click.option("--agent", help="The agent (default: the policy's agent).")
+@click.option("--session", help="Also show this session's scope.")
+@click.option("--store", "store_url", metavar="URL", help="sqlite:///PATH or redis://HOST:PORT/DB.")
+@click.option("--policy", "-p", "policy_path", metavar="FILE", help="Limits from this policy.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (SPEC's shape).")
+def status(
+    agent: str | None,
+    session: str | None,
+    store_url: str | None,
+    policy_path: str | None,
+    as_json: bool,
+) -> None:
+    """Each scope of an agent now: used, held, limit and % of calls, tokens and usd."""
+    from .budget.ledger import status as ledger_status
+
+    limits, policy_agent = _budget_of(policy_path)
+    agent = agent or policy_agent
+    if agent is None:
+        raise click.UsageError("no agent: pass --agent ID (or a --policy that names one)")
+    store = _store_of(store_url, limits)
+    try:
+        scopes = ledger_status(limits, agent=agent, session=session, store=store)
+    finally:
+        store.close()
+    if as_json:
+        doc = {"agent": agent, "store": store.url, "scopes": [s.to_dict() for s in scopes]}
+        click.echo(json.dumps(doc, separators=(",", ":")))
+        return
+    click.echo(f"agent {agent} · store {store.url}")
+    header = ("scope", "key", "limit", "used", "held", "limit value", "%")
+    lines: list[tuple[str, ...]] = [header]
+    for usage in scopes:
+        for name in ("calls", "tokens", "usd"):
+            amount = getattr(usage, name)
+            if usage.scope == "rate" and name == "usd":
+                continue
+            money = name == "usd"
+            share = "-"
+            if amount.limit:
+                share = f"{(amount.used + amount.held) * 100 / amount.limit:.1f}"
+            lines.append(
+                (
+                    usage.scope,
+                    usage.key,
+                    name,
+                    _cell(amount.used, money),
+                    _cell(amount.held, money),
+                    _cell(amount.limit, money),
+                    share,
+                )
+            )
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    for row in lines:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+@budget.command()
+@click.option("--agent", required=True, help="The agent whose spend to forget.")
+@click.option(
+    "--period",
+    type=click.Choice(["run", "session", "daily", "monthly"]),
+    help="Only these scopes (default: all of them).",
+)
+@click.option("--store", "store_url", metavar="URL", help="sqlite:///PATH or redis://HOST:PORT/DB.")
+@click.option("--policy", "-p", "policy_path", metavar="FILE", help="The store from this policy.")
+@click.option("--audit", "audit_path", metavar="FILE", help="The audit log (default: the user's).")
+def reset(
+    agent: str,
+    period: str | None,
+    store_url: str | None,
+    policy_path: str | None,
+    audit_path: str | None,
+) -> None:
+    """Set used back to 0 on an agent's scopes (open holds stay); written to the audit log."""
+    from .audit import AuditLog, default_audit_file
+    from .budget.ledger import new_id
+    from .budget.ledger import reset as ledger_reset
+
+    limits, _ = _budget_of(policy_path)
+    store = _store_of(store_url, limits)
+    # Audit first: a reset that cannot be logged does not happen.
+    with AuditLog(audit_path or default_audit_file()) as log:
+        try:
+            done = ledger_reset(store, agent=agent, period=period)
+        finally:
+            store.close()
+        log.append(
+            "budget_reset",
+            run_id=f"reset-{new_id()}",
+            agent=agent,
+            action="reset",
+            detail={
+                "store": store.url,
+                "period": period or "all",
+                "user": os.environ.get("USER") or str(os.getuid()),
+                "scopes": [{**row, "usd": format_money(_usd(row["usd"]))} for row in done],
+            },
+        )
+    if not done:
+        click.echo(f"supervise: nothing to reset for agent {agent} in {store.url}")
+    for row in done:
+        click.echo(
+            f"reset {row['scope']}: was {row['calls']} calls, {row['tokens']} tokens, "
+            f"{format_money(_usd(row['usd']))}"
+        )
+
+
+def _usd(micro: int) -> Any:
+    from .budget.ledger import to_usd
+
+    return to_usd(micro)
+
+
+@click.command()
+@click.argument("pattern", required=False)
+@click.option("--policy", "-p", "policy_path", metavar="FILE", help="Include its budget.pricing.")
+@click.option("--json", "as_json", is_flag=True, help="The rows as JSON Lines.")
+def models(pattern: str | None, policy_path: str | None, as_json: bool) -> None:
+    """The price table in use, USD per million tokens (a glob or a substring filters it)."""
+    from .budget.pricing import Prices, source_version
+
+    limits, _ = _budget_of(policy_path)
+    rows = Prices(limits.pricing).table(pattern)
+    fields = ("input", "output", "cached_input", "cache_write", "reasoning")
+    if as_json:
+        for row in rows:
+            doc = row._asdict()
+            doc.update({k: None if doc[k] is None else float(doc[k]) for k in fields})
+            click.echo(json.dumps(doc, separators=(",", ":")))
+        return
+    click.echo(f"USD per million tokens · source: {source_version()} (policy overrides first)")
+    header = ("provider", "model", "input", "output", "cache read", "cache write", "reasoning")
+    lines: list[tuple[str, ...]] = [header]
+    for row in rows:
+        prices = [getattr(row, f) for f in fields]
+        cells = ["-" if p is None else f"{p.normalize():f}" for p in prices]
+        if row.tiered:
+            cells[0] += " (tiers)"
+        lines.append((row.provider, row.model, *cells))
+    if len(lines) == 1:
+        click.echo(f"supervise: no model matches {pattern!r}", err=True)
+        sys.exit(1)
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    for line in lines:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())

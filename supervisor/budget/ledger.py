@@ -1,0 +1,584 @@
+"""The ledger of one run: holds the worst case on every scope at once, then charges what was used.
+
+Scopes: the ``run``, the ``session`` (when there is one), the agent's ``daily`` and
+``monthly`` periods (UTC unless ``budget.timezone``), and the agent's ``rate`` (calls and
+tokens in the last 60 s). ``reserve`` holds one call, its tokens and its price on every scope
+in one store transaction (one SQLite ``BEGIN IMMEDIATE``, one Redis Lua script): all granted
+or none. ``commit`` frees the hold and charges the actual usage; spend past the hold is
+written anyway and then raised as ``BudgetExceeded`` (with the charge). ``record`` charges a
+call made without a hold, the same way. A hold lives ``hold_ttl`` seconds; one that expires,
+or is still open when the child exits (``settle_open``), is charged at its input estimate.
+An idempotency ``key`` makes a retried reserve or record return the first answer, free.
+
+Money is integer micro-USD in the stores and ``Decimal`` USD here; never float. Every
+operation appends events (grant, deny, commit, record, release, expire, settle, reset) with
+the raw token counts, the model, the label and the price's source and version.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+from supervisor.budget._policy import BudgetPolicy, parse_store_url
+from supervisor.budget.pricing import Prices, Tokens
+from supervisor.errors import (
+    BudgetExceeded,
+    RateLimited,
+    StoreUnavailable,
+    UnknownModel,
+    UnknownReservation,
+)
+
+__all__ = [
+    "Alert",
+    "Amount",
+    "Charge",
+    "Hold",
+    "Ledger",
+    "ScopeUsage",
+    "Settled",
+    "default_store_url",
+    "new_id",
+    "open_store",
+    "status",
+]
+
+SCOPES = ("run", "session", "daily", "monthly")
+LIMITS = ("calls", "tokens", "usd")
+MICRO = 1_000_000
+HOLD_TTL = 900.0  # seconds: longer than any LLM call; an expired hold is charged its estimate
+
+
+def new_id() -> str:
+    """A hold id: microseconds then 32 random bits, so ids sort by time (B-trees append)."""
+    return f"{time.time_ns() // 1000:014x}{os.urandom(4).hex()}"
+
+
+def to_usd(micro: int) -> Decimal:
+    """Micro-USD (int) as exact Decimal USD."""
+    return Decimal(micro).scaleb(-6)
+
+
+def to_micro(usd: Decimal) -> int:
+    """Decimal USD as micro-USD, rounded up (no spend is free by rounding)."""
+    from decimal import ROUND_CEILING
+
+    if not isinstance(usd, Decimal) or not usd.is_finite() or usd < 0:
+        raise ValueError(f"usd must be a finite Decimal >= 0, got {usd!r}")
+    return int((usd * MICRO).to_integral_value(rounding=ROUND_CEILING))
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A granted reservation: what it holds on every scope, until when."""
+
+    id: str
+    usd_held: Decimal
+    tokens_held: int
+    expires_at: float
+    replayed: bool = False  # True: an earlier reserve with the same key; nothing new held
+
+
+@dataclass(frozen=True)
+class Amount:
+    """One limit of one scope: used, held (by open reservations) and the limit (None: none)."""
+
+    used: int | Decimal
+    held: int | Decimal
+    limit: int | Decimal | None
+
+    def to_dict(self) -> dict[str, Any]:
+        def num(value: int | Decimal | None) -> Any:
+            return float(value) if isinstance(value, Decimal) else value
+
+        return {"used": num(self.used), "held": num(self.held), "limit": num(self.limit)}
+
+
+@dataclass(frozen=True)
+class ScopeUsage:
+    """A scope's calls, tokens and usd; ``key`` names the period, run or session."""
+
+    scope: str
+    key: str
+    calls: Amount
+    tokens: Amount
+    usd: Amount
+
+    def to_dict(self) -> dict[str, Any]:
+        """SPEC's shape: ``{"scope", "key", "calls": {used, held, limit}, "tokens", "usd"}``."""
+        return {
+            "scope": self.scope,
+            "key": self.key,
+            **{name: getattr(self, name).to_dict() for name in LIMITS},
+        }
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A scope's use crossed ``threshold`` (a fraction) of one of its limits with this charge."""
+
+    scope: str
+    key: str
+    limit: str
+    threshold: float
+    used: int | Decimal
+    limit_value: int | Decimal
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one commit or record charged, and the run's totals after it."""
+
+    usd: Decimal
+    tokens: int
+    usage: ScopeUsage  # the run scope after this charge
+    price_source: str = ""
+    alerts: list[Alert] = field(default_factory=list)
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A hold that was still open when the child exited, charged at its input estimate."""
+
+    hold_id: str
+    usd: Decimal
+    tokens: int
+    model: str
+    label: str | None
+
+
+class Store(Protocol):
+    """What a ledger store does; every method is one atomic transaction. Ints everywhere."""
+
+    url: str
+
+    def reserve(self, op: dict[str, Any]) -> dict[str, Any]: ...
+    def hold(self, op: dict[str, Any]) -> dict[str, Any] | None: ...
+    def commit(self, op: dict[str, Any]) -> dict[str, Any]: ...
+    def record(self, op: dict[str, Any]) -> dict[str, Any]: ...
+    def release(self, op: dict[str, Any]) -> dict[str, Any]: ...
+    def usage(self, op: dict[str, Any]) -> dict[str, Any]: ...
+    def settle_open(self, op: dict[str, Any]) -> list[dict[str, Any]]: ...
+    def reset(self, op: dict[str, Any]) -> list[dict[str, Any]]: ...
+    def time(self) -> float: ...
+    def close(self) -> None: ...
+
+
+def default_store_url() -> str:
+    """``sqlite:////…/supervise/budget.db`` beside the audit log (``$XDG_STATE_HOME``)."""
+    from supervisor.audit import default_audit_file
+
+    return "sqlite:///" + os.path.join(os.path.dirname(default_audit_file()), "budget.db")
+
+
+def open_store(url: str | None) -> Store:
+    """The store at ``url`` (None: the default SQLite file); StoreUnavailable if it is not."""
+    url = url or default_store_url()
+    try:
+        kind, target = parse_store_url(url)
+    except ValueError as error:
+        raise StoreUnavailable(url, str(error), hint="fix budget.store or --store") from None
+    if kind == "sqlite":
+        from supervisor.budget.sqlite import SQLiteStore
+
+        return SQLiteStore(url, target)
+    from supervisor.budget.redis import RedisStore
+
+    return RedisStore(url)
+
+
+def _periods(now: float, timezone: str | None) -> tuple[str, str]:
+    """(day, month) keys of ``now``: ``2026-11-23``, ``2026-11``, in UTC or ``timezone``."""
+    if timezone in (None, "UTC"):
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        return day, day[:7]
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    day = datetime.fromtimestamp(now, ZoneInfo(timezone)).strftime("%Y-%m-%d")
+    return day, day[:7]
+
+
+def _limits(budget: BudgetPolicy, scope: str) -> list[int | None]:
+    limits = budget.scope(scope)
+    usd = None if limits.usd is None else to_micro(limits.usd)
+    return [limits.calls, limits.tokens, usd]
+
+
+def _amounts(scope: str, key: str, row: list[int], limits: list[int | None]) -> ScopeUsage:
+    calls, tokens = (Amount(row[i], row[i + 3], limits[i]) for i in range(2))
+    money = Amount(to_usd(row[2]), to_usd(row[5]), None if limits[2] is None else to_usd(limits[2]))
+    return ScopeUsage(scope, key, calls, tokens, money)
+
+
+class Ledger:
+    """The budget of one run over a store. Build it with ``Ledger.open``."""
+
+    def __init__(
+        self,
+        budget: BudgetPolicy,
+        store: Store,
+        *,
+        run_id: str,
+        agent: str,
+        session: str | None,
+        clock: Callable[[], float] | None = None,
+        hold_ttl: float = HOLD_TTL,
+        prices: Prices | None = None,
+    ) -> None:
+        self.budget, self.store = budget, store
+        self.run_id, self.agent, self.session = run_id, agent, session
+        self.clock, self.hold_ttl = clock, hold_ttl
+        self.prices = prices or Prices(budget.pricing)
+        self._limits = {scope: _limits(budget, scope) for scope in SCOPES}
+        rate = budget.rate
+        self._rate = [rate.calls_per_minute, rate.tokens_per_minute]
+        self._alerts = sorted(Decimal(str(a)) for a in budget.alerts)
+        self._held: dict[str, tuple[str, str | None]] = {}  # hold id -> (model, provider)
+
+    @classmethod
+    def open(
+        cls,
+        budget: BudgetPolicy,
+        *,
+        run_id: str,
+        agent: str,
+        session: str | None,
+        store: str | None = None,
+        clock: Callable[[], float] | None = None,
+        hold_ttl: float = HOLD_TTL,
+    ) -> Ledger:
+        """Connect to ``store`` (else ``budget.store``, else the default SQLite file).
+
+        Raises StoreUnavailable when the store cannot be reached: a run must not start.
+        """
+        return cls(
+            budget,
+            open_store(store or budget.store),
+            run_id=run_id,
+            agent=agent,
+            session=session,
+            clock=clock,
+            hold_ttl=hold_ttl,
+        )
+
+    # --- what the store is told ----------------------------------------------------------
+
+    def _now(self) -> float | None:
+        """The injected clock's time, or None: the store uses its own (Redis: the server's)."""
+        return None if self.clock is None else self.clock()
+
+    def _scopes(self, now: float | None) -> list[tuple[str, str, str, list[int | None]]]:
+        """(scope id, scope, key, limits) of every scope this run charges, in report order."""
+        day, month = _periods(self.store.time() if now is None else now, self.budget.timezone)
+        keys = {"run": self.run_id, "session": self.session, "daily": day, "monthly": month}
+        return [
+            (f"{scope}:{keys[scope]}", scope, str(keys[scope]), self._limits[scope])
+            for scope in SCOPES
+            if keys[scope] is not None
+        ]
+
+    def _base(self, now: float | None) -> dict[str, Any]:
+        scopes = self._scopes(now)
+        return {
+            "agent": self.agent,
+            "run_id": self.run_id,
+            "session": self.session,
+            "now": now,
+            "scopes": [[sid, limits] for sid, _, _, limits in scopes],
+            "rate": self._rate,
+        }
+
+    def _price(self, model: str, provider: str | None, tokens: Tokens) -> tuple[int, str, str]:
+        priced = self.prices.price(model, provider, tokens)
+        if priced is not None:
+            return priced.micro_usd, priced.source, priced.version
+        if self.budget.unknown_model == "free":
+            return 0, "free", "unknown_model: free"
+        raise UnknownModel(model, provider)
+
+    # --- the operations ------------------------------------------------------------------
+
+    def reserve(
+        self,
+        *,
+        model: str,
+        provider: str | None = None,
+        input_tokens: int = 0,
+        max_output_tokens: int = 0,
+        usd: Decimal | None = None,
+        label: str | None = None,
+        key: str | None = None,
+    ) -> Hold:
+        """Hold the worst case of one call on every scope, or raise (nothing held)."""
+        worst = Tokens(input=input_tokens, output=max_output_tokens)
+        worst.check()
+        estimate = Tokens(input=input_tokens)
+        if usd is not None:
+            # The caller priced the call; settle at the input's price when we know it.
+            held, source, version = to_micro(usd), "caller", "caller"
+            known = self.prices.price(model, provider, estimate)
+            est_usd = held if known is None else min(held, known.micro_usd)
+        else:
+            held, source, version = self._price(model, provider, worst)
+            est_usd = self._price(model, provider, estimate)[0]
+        now = self._now()
+        op = self._base(now)
+        op.update(
+            hold_id=new_id(),
+            key=key,
+            ttl=self.hold_ttl,
+            amount=[1, worst.input + worst.output, held],
+            estimate=[1, input_tokens, est_usd],
+            event={
+                "model": model,
+                "provider": provider,
+                "label": label,
+                "input_tokens": input_tokens,
+                "output_tokens": max_output_tokens,
+                "price_source": source,
+                "price_version": version,
+            },
+        )
+        answer = self.store.reserve(op)
+        verdict = answer["verdict"]
+        if verdict != "deny" and verdict != "rate":
+            self._held[answer["hold_id"]] = (model, provider)
+        if verdict == "deny":
+            sid, index = answer["scope"], answer["limit"]
+            scope, _, scope_key = sid.partition(":")
+            money = index == 2
+            conv: Callable[[int], int | Decimal] = to_usd if money else int
+            raise BudgetExceeded(
+                scope,
+                LIMITS[index],
+                conv(answer["used"]),
+                conv(answer["held"]),
+                conv(answer["limit_value"]),
+                key=scope_key,
+                requested=conv(op["amount"][index]),
+            )
+        if verdict == "rate":
+            name = ("calls_per_minute", "tokens_per_minute")[answer["limit"]]
+            raise RateLimited(name, answer["used"], answer["limit_value"], answer["retry_after"])
+        return Hold(
+            answer["hold_id"],
+            to_usd(answer["usd"]),
+            answer["tokens"],
+            answer["expires"],
+            verdict == "replay",
+        )
+
+    def _charged(self, answer: dict[str, Any]) -> Charge:
+        """The Charge from a store's answer; BudgetExceeded (carrying it) when over a limit."""
+        run_sid = f"run:{self.run_id}"
+        rows: dict[str, list[int]] = answer["scopes"]
+        delta: list[int] = answer["delta"]
+        alerts: list[Alert] = []
+        exceeded: tuple[str, str, int, Any, Any, Any] | None = None
+        for sid, row in rows.items():
+            scope, _, key = sid.partition(":")
+            limits = self._limits.get(scope)
+            if limits is None:
+                continue
+            for i, limit in enumerate(limits):
+                if limit is None or delta[i] <= 0:
+                    continue
+                after, before = row[i], row[i] - delta[i]
+                conv: Callable[[int], int | Decimal] = to_usd if i == 2 else int
+                for threshold in self._alerts:
+                    if before < threshold * limit <= after:
+                        alerts.append(
+                            Alert(scope, key, LIMITS[i], float(threshold), conv(after), conv(limit))
+                        )
+                if after > limit and exceeded is None:
+                    exceeded = (scope, key, i, conv(after), conv(row[i + 3]), conv(limit))
+        run_row = rows.get(run_sid) or [0] * 6
+        charge = Charge(
+            to_usd(answer["usd"]),
+            answer["tokens"],
+            _amounts("run", self.run_id, run_row, self._limits["run"]),
+            answer.get("price_source") or "",
+            alerts,
+            answer.get("replayed", False),
+        )
+        if exceeded is not None and not charge.replayed:
+            scope, key, i, used, held, limit = exceeded
+            raise BudgetExceeded(scope, LIMITS[i], used, held, limit, key=key, charge=charge)
+        return charge
+
+    def _actual(
+        self,
+        model: str | None,
+        provider: str | None,
+        tokens: Tokens,
+        usd: Decimal | None,
+    ) -> tuple[int, str, str]:
+        tokens.check()
+        if usd is not None:
+            return to_micro(usd), "caller", "caller"
+        if model is None:
+            raise ValueError("usd is required when the model is not known")
+        return self._price(model, provider, tokens)
+
+    def commit(
+        self,
+        hold_id: str,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        usd: Decimal | None = None,
+    ) -> Charge:
+        """Free the hold and charge the actual usage (written even past a limit, then raised)."""
+        tokens = Tokens(
+            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+        )
+        tokens.check()
+        now = self._now()
+        held = self._held.pop(hold_id, None)
+        if held is None and usd is None:  # a hold granted by another ledger: ask the store
+            row = self.store.hold({"agent": self.agent, "hold_id": hold_id})
+            if row is None:
+                raise UnknownReservation(hold_id)
+            held = (row["model"], row["provider"])
+        model, provider = held or (None, None)
+        micro, source, version = self._actual(model, provider, tokens, usd)
+        op = self._base(now)
+        op.update(hold_id=hold_id, amount=[1, tokens.input + tokens.output, micro])
+        op["event"] = _usage_event(tokens, source, version)
+        answer = self.store.commit(op)
+        if answer.get("missing"):
+            raise UnknownReservation(hold_id)
+        return self._charged(answer)
+
+    def record(
+        self,
+        *,
+        model: str,
+        provider: str | None = None,
+        label: str | None = None,
+        key: str | None = None,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        usd: Decimal | None = None,
+    ) -> Charge:
+        """Charge a call made without a hold: always written, then raised if over a limit."""
+        tokens = Tokens(
+            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+        )
+        micro, source, version = self._actual(model, provider, tokens, usd)
+        now = self._now()
+        op = self._base(now)
+        op.update(
+            hold_id=new_id(),
+            key=key,
+            amount=[1, tokens.input + tokens.output, micro],
+            event={
+                "model": model,
+                "provider": provider,
+                "label": label,
+                **_usage_event(tokens, source, version),
+            },
+        )
+        return self._charged(self.store.record(op))
+
+    def release(self, hold_id: str) -> None:
+        """Free a hold whose call was not made (nothing charged)."""
+        self._held.pop(hold_id, None)
+        answer = self.store.release({"agent": self.agent, "hold_id": hold_id, "now": self._now()})
+        if answer.get("missing"):
+            raise UnknownReservation(hold_id)
+
+    def usage(self) -> list[ScopeUsage]:
+        """Every scope of this run: used, held and limit of calls, tokens and usd; then rate."""
+        now = self._now()
+        return _usage(self.store, self.agent, self._scopes(now), self._rate, now)
+
+    def settle_open(self) -> list[Settled]:
+        """Charge every hold of this run still open at its input estimate (the child exited)."""
+        settled = self.store.settle_open(
+            {"agent": self.agent, "run_id": self.run_id, "now": self._now()}
+        )
+        return [
+            Settled(row["hold_id"], to_usd(row["usd"]), row["tokens"], row["model"], row["label"])
+            for row in settled
+        ]
+
+    def close(self) -> None:
+        """Close the store connection; open holds stay (settle them first)."""
+        self.store.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _usage_event(tokens: Tokens, source: str, version: str) -> dict[str, Any]:
+    return {
+        "input_tokens": tokens.input,
+        "output_tokens": tokens.output,
+        "cached_input_tokens": tokens.cached_input,
+        "cache_write_tokens": tokens.cache_write,
+        "reasoning_tokens": tokens.reasoning,
+        "price_source": source,
+        "price_version": version,
+    }
+
+
+def _usage(
+    store: Store,
+    agent: str,
+    scopes: list[tuple[str, str, str, list[int | None]]],
+    rate: list[int | None],
+    now: float | None,
+) -> list[ScopeUsage]:
+    answer = store.usage({"agent": agent, "scopes": [s[0] for s in scopes], "now": now})
+    rows: dict[str, list[int]] = answer["scopes"]
+    found = [
+        _amounts(scope, key, rows.get(sid) or [0] * 6, limits) for sid, scope, key, limits in scopes
+    ]
+    calls, tokens = answer["rate"]
+    found.append(
+        ScopeUsage(
+            "rate",
+            "60s",
+            Amount(calls, 0, rate[0]),
+            Amount(tokens, 0, rate[1]),
+            Amount(Decimal(0), Decimal(0), None),
+        )
+    )
+    return found
+
+
+def status(
+    budget: BudgetPolicy,
+    *,
+    agent: str,
+    session: str | None = None,
+    store: Store,
+    clock: Callable[[], float] | None = None,
+) -> list[ScopeUsage]:
+    """The agent's scopes now (session if given, daily, monthly, rate), for ``budget status``."""
+    ledger = Ledger(budget, store, run_id="-", agent=agent, session=session, clock=clock)
+    now = ledger._now()
+    scopes = [s for s in ledger._scopes(now) if s[1] != "run"]
+    return _usage(store, agent, scopes, ledger._rate, now)
+
+
+def reset(store: Store, *, agent: str, period: str | None) -> list[dict[str, Any]]:
+    """Set used to 0 on the agent's scopes of ``period`` (None: every scope); open holds stay."""
+    return store.reset({"agent": agent, "prefix": None if period is None else period + ":"})
