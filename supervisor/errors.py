@@ -6,7 +6,10 @@
     │   ├── CommandNotFound      exit 127
     │   └── CommandNotExecutable exit 126
     ├── AuditError               the audit log cannot be written or read
-    └── HelperError              the reaper helper is missing and cannot be built
+    ├── HelperError              the reaper helper is missing and cannot be built
+    ├── BudgetExceeded           a reservation or a spend breaks a budget limit (RPC error 1)
+    ├── RateLimited              a budget rate limit says wait ``retry_after`` s (RPC error 2)
+    └── (supervisor.client)      NotSupervised, RpcError, UsageMissing: the child side
 
 Each carries the facts as fields and a message that says what happened and how to fix it.
 """
@@ -61,3 +64,35 @@ class AuditError(SupervisorError):
 
 class HelperError(SupervisorError):
     """The compiled reaper helper is missing and could not be built."""
+
+
+class BudgetExceeded(SupervisorError):
+    """A budget limit would be (or was) broken: ``limit`` (calls, tokens, usd) of ``scope``.
+
+    ``used`` is what was already spent in that scope, ``held`` what open reservations hold,
+    ``limit_value`` the limit; the same fields travel as RPC error 1's data.
+    """
+
+    def __init__(
+        self, scope: str, limit: str, used: object, held: object, limit_value: object
+    ) -> None:
+        self.scope = scope
+        self.limit = limit
+        self.used = used
+        self.held = held
+        self.limit_value = limit_value
+        super().__init__(
+            f"budget exceeded: {scope} {limit} limit {limit_value} (used {used}, held {held})",
+            hint=f"raise budget.{scope}.{limit} in the policy, or spend less",
+        )
+
+
+class RateLimited(SupervisorError):
+    """A rate limit of the budget is reached; retry after ``retry_after`` seconds (RPC error 2)."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = float(retry_after)
+        super().__init__(
+            f"rate limited: retry after {self.retry_after:.3f} s",
+            hint="wait, or raise budget.rate in the policy",
+        )
