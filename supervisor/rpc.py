@@ -50,7 +50,7 @@ class _Conn:
         self.sock = sock
         self.inbuf = bytearray()  # a partial line
         self.lines: deque[bytes] = deque()  # complete lines not handled yet
-        self.pending = 0  # bytes in lines
+        self.pending = 0  # bytes in lines; reading waits while a chunk of them is pending
         self.out = bytearray()
         self.skipping = False  # inside a line longer than max_line: drop up to its newline
         self.eof = False  # the peer sends no more
@@ -70,7 +70,7 @@ class RpcServer:
         on_error: ErrorCallback | None = None,
         max_line: int = 1 << 20,
         max_outbound: int = 1 << 20,
-        max_requests: int = 64,
+        max_requests: int = 32,
         max_connections: int = 64,
         errors_per_second: float = 5.0,
         error_burst: int = 20,
@@ -169,6 +169,10 @@ class RpcServer:
         """Open connections (the inherited one included)."""
         return len(self._conns)
 
+    def buffered(self) -> int:
+        """Bytes held for all connections, in and out (bounded; for gauges and tests)."""
+        return sum(len(c.inbuf) + c.pending + len(c.out) for c in self._conns.values())
+
     def close(self) -> None:
         """Close every connection and fd; a summary of suppressed errors goes out first."""
         if self._suppressed:
@@ -224,7 +228,7 @@ class RpcServer:
         conn.sock.close()
 
     def _read(self, conn: _Conn) -> None:
-        if conn.eof or len(conn.out) > self.high_water or conn.pending >= self.max_line:
+        if conn.eof or len(conn.out) > self.high_water or conn.pending >= _CHUNK:
             return
         try:
             data, anc, _flags, _addr = conn.sock.recvmsg(
@@ -312,7 +316,7 @@ class RpcServer:
             answering = len(conn.out) <= self.high_water
             if conn.lines and answering:
                 backlog = True
-            reading = answering and not conn.eof and conn.pending < self.max_line
+            reading = answering and not conn.eof and conn.pending < _CHUNK
             mask = (_IN if reading else 0) | (_OUT if conn.out else 0)
             if mask != conn.mask:
                 conn.mask = mask
