@@ -129,7 +129,9 @@ class _Anthropic(Kind):
         inp = _n(usage, "input_tokens") + read + creation  # Anthropic's input excludes the cache
         return _counts(inp, _n(usage, "output_tokens"), read, creation, thinking)
 
-    def _merge(self, usage: object, seen: Seen) -> None:
+    def _merge(self, usage: object, seen: Seen) -> bool:
+        if usage is None:
+            return False
         for name in _ANTHROPIC_FIELDS:
             value = _get(usage, name)
             if isinstance(value, int):
@@ -140,13 +142,13 @@ class _Anthropic(Kind):
         raw = dict(seen.raw)
         raw_details = {"thinking_tokens": raw.pop("thinking_tokens", 0)}
         seen.counts = self.counts({**raw, "output_tokens_details": raw_details})
+        return True
 
     def observe(self, event: object, seen: Seen) -> None:
         kind = _get(event, "type")
         if kind == "message_start":
             self._merge(_get(_get(event, "message"), "usage"), seen)
-        elif kind == "message_delta":
-            self._merge(_get(event, "usage"), seen)
+        elif kind == "message_delta" and self._merge(_get(event, "usage"), seen):
             seen.final = True
         elif kind == "content_block_delta":
             delta = _get(event, "delta")

@@ -134,7 +134,7 @@ def _wrap(resource: object, budget: Budget, provider: str, label: str | None, ki
             }
         return _call(budget, provider, label, kw)
 
-    if inspect.iscoroutinefunction(original):
+    if inspect.iscoroutinefunction(inspect.unwrap(original)):  # the SDK decorates create
 
         async def acreate(*args: Any, **kw: Any) -> Any:
             call = prepare(kw)

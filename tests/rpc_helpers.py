@@ -65,7 +65,9 @@ class Ledger:
         self._n += 1
         rid = f"r{self._n}"
         self.holds[rid] = {"model": model, "tokens": tokens, **kw}
-        self.events.append(("reserve", model, kw["label"], kw["input_tokens"]))
+        self.events.append(
+            ("reserve", model, kw["label"], kw["input_tokens"], kw["max_output_tokens"])
+        )
         return {"reservation": rid, "usd_held": Decimal("0.000001") * tokens, "tokens_held": tokens}
 
     def _spend(self, entry: dict[str, Any]) -> dict[str, Any]:
