@@ -15,10 +15,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuditError",
+    "BudgetExceeded",
     "CommandNotExecutable",
     "CommandNotFound",
     "Policy",
     "PolicyError",
+    "RateLimited",
     "RunResult",
     "SpawnError",
     "Supervisor",
@@ -35,6 +37,8 @@ _WHERE = {
     "Usage": "result",
     "Violation": "result",
     "AuditError": "errors",
+    "BudgetExceeded": "errors",
+    "RateLimited": "errors",
     "CommandNotExecutable": "errors",
     "CommandNotFound": "errors",
     "PolicyError": "errors",
@@ -45,9 +49,11 @@ _WHERE = {
 if TYPE_CHECKING:
     from .errors import (
         AuditError,
+        BudgetExceeded,
         CommandNotExecutable,
         CommandNotFound,
         PolicyError,
+        RateLimited,
         SpawnError,
         SupervisorError,
     )

@@ -192,8 +192,11 @@ def call(
     backend: Backend, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, tuple[int, str, object] | None]:
     """Run one validated call: ``(result, None)`` or ``(None, (code, message, data))``."""
+    fn = getattr(backend, method, None)
+    if fn is None:
+        return None, (j.METHOD_NOT_FOUND, f"{method} is not available in this run", None)
     try:
-        result = getattr(backend, method)(*args, **kwargs)
+        result = fn(*args, **kwargs)
         if not isinstance(result, dict):
             raise TypeError(f"the backend's {method} returned {type(result).__name__}")
     except BudgetExceeded as e:

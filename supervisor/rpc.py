@@ -8,10 +8,12 @@ connection is served by the same backend, so the whole tree shares the run's bud
 
 Non-blocking and single-threaded, for the run loop: ``fileno()`` is an epoll fd that turns
 readable when any connection has input, room for pending output, or a backlog; then call
-``on_readable()``. Memory is bounded everywhere: a line is capped (``max_line``), a
-connection whose replies are not read stops being read, notifications beyond
-``max_outbound`` are dropped, and one call handles at most ``max_requests`` requests, taken
-round-robin, so a flood never starves enforcement or the other connections.
+``on_readable()``. Memory is bounded everywhere: a line is capped (``max_line``; a longer
+one is dropped up to its newline), a connection is read only while less than 64 KiB of its
+lines wait and while its unread replies stay under ``max_outbound // 4`` (a child that
+never reads stalls itself, not us), notifications beyond ``max_outbound`` are dropped, and
+one call handles at most ``max_requests`` requests, round-robin over the connections, so a
+flood never starves enforcement or the other children.
 
 Bad input gets a JSON-RPC error reply and an ``on_error(code, message, excerpt)`` callback
 (rate-limited, for ``rpc_error`` audit events), and never reaches the backend.

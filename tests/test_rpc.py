@@ -476,3 +476,19 @@ def test_import_supervisor_client_stays_light():
     code = f"import sys, supervisor.client; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_method_the_run_does_not_offer_is_method_not_found():
+    """check_write before the workspace lands (NotImplementedError or no method) is -32601."""
+
+    class NoWorkspace(Ledger):
+        def check_write(self, path, size):
+            raise NotImplementedError("no workspace in this run")
+
+        step_begin = None  # type: ignore[assignment]
+
+    with serving(NoWorkspace()) as s, client.Budget(s.server.child_fd) as b:
+        for call in (lambda: b.check_write("a", 1), lambda: b.step("x").__enter__()):
+            with pytest.raises(client.RpcError) as info:
+                call()
+            assert info.value.code == -32601 and "not available" in str(info.value)
