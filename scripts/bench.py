@@ -509,6 +509,131 @@ def ledger_redis() -> None:
         server.wait()
 
 
+def client_import() -> None:
+    """``import supervisor.client`` against a bare interpreter, both without site hooks.
+
+    Bytecode is cached (in a temp prefix, even under PYTHONDONTWRITEBYTECODE): an installed
+    package has its .pyc, and compiling the source on every start is not what we measure.
+    """
+    py = sys.executable
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="supervise-bench-pyc-")
+    n = N * 2
+    base = median_ms(lambda: subprocess.run([py, "-S", "-c", "pass"], env=env, check=True), n=n)
+    ours = median_ms(
+        lambda: subprocess.run([py, "-S", "-c", "import supervisor.client"], env=env, check=True),
+        n=n,
+    )
+    cumulative = []
+    for _ in range(n):
+        out = subprocess.run(
+            [py, "-S", "-X", "importtime", "-c", "import supervisor.client"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+        last = [line for line in out.splitlines() if line.rstrip().endswith("supervisor.client")]
+        cumulative.append(int(last[-1].split("|")[1]) / 1000)
+    rows.append(
+        (
+            "`python -S -c 'import supervisor.client'`",
+            f"`python -S -c pass` {base:.1f} ms",
+            f"{ours:.1f} ms",
+            f"+{ours - base:.1f} ms, {ours / base:.2f}x; -X importtime cumulative "
+            f"{statistics.median(cumulative):.1f} ms (target <= +15 ms)",
+        )
+    )
+
+
+RPC_CLIENT = """
+import statistics, time
+from supervisor import client
+b = client.connect()
+times = []
+for _ in range(3000):
+    t = time.perf_counter()
+    b.usage()
+    times.append(time.perf_counter() - t)
+times.sort()
+hold = []
+for _ in range(1000):
+    t = time.perf_counter()
+    with b.reserve("m", input_tokens=10, max_output_tokens=10) as r:
+        r.commit(input_tokens=10, output_tokens=5)
+    hold.append(time.perf_counter() - t)
+hold.sort()
+print(times[len(times) // 2] * 1e6, times[len(times) * 99 // 100] * 1e6, hold[len(hold) // 2] * 1e6)
+"""
+
+
+class _NullBackend:
+    """Answers every method at once: the RPC's own cost, without a ledger behind it."""
+
+    def reserve(self, **kw: object) -> dict[str, object]:
+        return {"reservation": "r", "usd_held": 0, "tokens_held": 0}
+
+    def commit(self, reservation: str, **kw: object) -> dict[str, object]:
+        return {"usd": 0, "tokens": 0, "usage": {}}
+
+    def release(self, reservation: str) -> dict[str, object]:
+        return {}
+
+    def usage(self) -> dict[str, object]:
+        return {"run": {"usd": {"used": 0, "held": 0, "limit": 5}}}
+
+
+def rpc_round_trip() -> None:
+    """``usage`` and reserve+commit round trips from a child, RpcServer driven by a poll loop."""
+    import select
+
+    from supervisor.rpc import RpcServer
+
+    server = RpcServer(_NullBackend())  # type: ignore[arg-type]  # only the methods used here
+    stop = threading.Event()
+
+    def loop() -> None:
+        poller = select.poll()
+        poller.register(server.fileno(), select.POLLIN)
+        while not stop.is_set():
+            if poller.poll(50):
+                server.on_readable()
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", RPC_CLIENT],
+            pass_fds=[server.child_fd],
+            env={**os.environ, **server.child_env()},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    p50, p99, hold = (float(x) for x in out.split())
+    rows.append(
+        (
+            "budget RPC `usage` round trip, child -> RpcServer (no ledger)",
+            "JSON over a socketpair: 24-97 us (issue 6)",
+            f"p50 {p50:.0f} us, p99 {p99:.0f} us",
+            "target p50 <= 100 us",
+        )
+    )
+    rows.append(
+        (
+            "reserve + commit round trips (no ledger)",
+            "-",
+            f"p50 {hold:.0f} us",
+            "the RPC's share of the SQLite target (<= 250 us)",
+        )
+    )
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if "--ledger" in sys.argv:
@@ -533,6 +658,8 @@ def main() -> None:
         jail_cost(audit)
         ledger_sqlite(tmp)
         ledger_redis()
+        client_import()
+        rpc_round_trip()
     _print()
 
 

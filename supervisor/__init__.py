@@ -15,10 +15,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuditError",
+    "BudgetExceeded",
     "CommandNotExecutable",
     "CommandNotFound",
     "Policy",
     "PolicyError",
+    "RateLimited",
     "RunResult",
     "SpawnError",
     "Supervisor",
@@ -37,6 +39,8 @@ _WHERE = {
     "Usage": "result",
     "Violation": "result",
     "AuditError": "errors",
+    "BudgetExceeded": "errors",
+    "RateLimited": "errors",
     "CommandNotExecutable": "errors",
     "CommandNotFound": "errors",
     "PolicyError": "errors",
@@ -49,9 +53,11 @@ _WHERE = {
 if TYPE_CHECKING:
     from .errors import (
         AuditError,
+        BudgetExceeded,
         CommandNotExecutable,
         CommandNotFound,
         PolicyError,
+        RateLimited,
         SpawnError,
         SupervisorError,
         WorkspaceError,

@@ -14,6 +14,7 @@
         ├── RateLimited          calls or tokens per minute: retry after ``retry_after`` seconds
         ├── UnknownModel         no price for the model under ``unknown_model: deny``
         └── UnknownReservation   no such hold (never granted, or of another agent)
+    (supervisor.client has the child side's own: NotSupervised, RpcError, UsageMissing)
 
 Each carries the facts as fields and a message that says what happened and how to fix it.
 """
