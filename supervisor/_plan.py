@@ -30,6 +30,7 @@ class RunPlan:
     __slots__ = (
         "agent",
         "audit",
+        "budget",
         "env_inherit",
         "env_set",
         "grace",
@@ -56,6 +57,7 @@ class RunPlan:
         self.audit: str | None = data.get("audit")
         self.workspace: dict[str, Any] | None = data.get("workspace")
         self.network: str = data.get("network", "allow")
+        self.budget: dict[str, Any] | None = data.get("budget")
 
     @classmethod
     def from_policy(cls, policy: Policy) -> RunPlan:

@@ -212,6 +212,8 @@ def call(
             "used": e.used,
             "held": e.held,
             "limit_value": e.limit_value,
+            "requested": getattr(e, "requested", 0),
+            "key": getattr(e, "key", ""),
         }
         return None, (j.BUDGET_EXCEEDED, e.message, data)
     except RateLimited as e:

@@ -44,6 +44,7 @@ Options:
   --agent ID            the agent this run belongs to (overrides the policy's)
   --session ID          the session this run belongs to
   -w, --workspace DIR   work in DIR, jailed and under the quota (--set workspace.path=DIR)
+  --store URL           the budget ledger: sqlite:///PATH or redis://HOST:PORT/DB
   --audit FILE          the audit log (default: $XDG_STATE_HOME/supervise/audit.jsonl)
   --json FILE           write the run result as JSON to FILE ('-': stdout, after the child)
   --live                gauges of every limit on stderr while it runs (on a terminal)
@@ -69,8 +70,6 @@ _VALUE_OPTIONS = {
     "--store": "store",
 }
 _FLAG_OPTIONS = {"-q": "quiet", "--quiet": "quiet", "--live": "live"}
-# Options of SPEC's command line whose features have not landed yet: refused, not ignored.
-_NOT_YET = {"store": "budgets"}
 
 
 class UsageError(Exception):
@@ -103,11 +102,13 @@ def _parse_run(args: list[str]) -> tuple[dict[str, Any], list[str]]:
             key = _VALUE_OPTIONS[name]
             if key == "set":
                 opts["set"].append(value)
-            elif key == "workspace":
+            elif key in ("workspace", "store"):
                 import json
 
-                # --workspace DIR is --set workspace.path=DIR (JSON text is YAML too).
-                opts["set"].append("workspace.path=" + json.dumps(value))
+                # --workspace DIR is --set workspace.path=DIR, --store URL is
+                # --set budget.store=URL (JSON text is YAML too).
+                path = "workspace.path" if key == "workspace" else "budget.store"
+                opts["set"].append(f"{path}={json.dumps(value)}")
             else:
                 opts[key] = value
         else:
@@ -145,9 +146,6 @@ def run_cli(args: list[str]) -> int:
 
             sys.stdout.write(f"supervise {__version__}\n")
             return 0
-        for key, what in _NOT_YET.items():
-            if opts.get(key):
-                raise UsageError(f"--{key}: {what} is not supported yet by this version")
         if not command:
             raise UsageError("no command given (usage: supervise [OPTIONS] -- COMMAND [ARGS]...)")
     except UsageError as e:

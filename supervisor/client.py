@@ -458,6 +458,8 @@ def _exception(error: object) -> SupervisorError:
             _amount(info.get("used")),
             _amount(info.get("held")),
             _amount(info.get("limit_value")),
+            key=str(info.get("key") or ""),
+            requested=_amount(info.get("requested")),
         )
     if code == j.RATE_LIMITED:
         return RateLimited(

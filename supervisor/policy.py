@@ -66,12 +66,6 @@ def _parse_count(value: object) -> int:
     raise ValueError(f"{show(value)} is not a whole number (try 1024)")
 
 
-def _step_time(value: object) -> object:
-    if value is not None:
-        raise ValueError("not supported yet (it comes with the budget RPC; remove it or use null)")
-    return None
-
-
 def _version(value: object) -> object:
     if value == 1 and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -157,7 +151,7 @@ class Limits(_Model):
     file_size: Size = None
     open_files: Files = None
     processes: Processes = None
-    step_time: Annotated[float | None, BeforeValidator(_step_time)] = None
+    step_time: Duration = None
 
 
 class WorkspacePolicy(_Model):

@@ -123,6 +123,11 @@ class Usage:
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {name: getattr(self, name) for name in sorted(self.__slots__)}
         out["usd"] = float(self.usd)  # JSON has no decimals; the ledger keeps exact micro-USD
+        for table in ("by_model", "by_label"):
+            out[table] = {
+                name: {k: float(v) if k == "usd" else v for k, v in row.items()}
+                for name, row in getattr(self, table).items()
+            }
         return out
 
 

@@ -29,8 +29,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
+    from ._backend import RunBackend
     from .audit import AuditLog
+    from .budget.ledger import Alert
+    from .errors import BudgetError, BudgetExceeded, StoreUnavailable
     from .policy import Policy
+    from .rpc import RpcServer
 
 # How long the reaper may take to empty the tree after SIGKILL before it is presumed stuck.
 REAPER_DEADLINE = 2.0
@@ -176,6 +180,8 @@ class Run:
         self.on_sample: Callable[[Usage, dict[str, float]], object] | None = None
         self.error: SupervisorError | None = None
         self.confine: Confinement | None = None
+        self.rpc: RpcServer | None = None
+        self.backend: RunBackend | None = None
         self._rlimits: list[str] = []
 
     # -- the public controls -------------------------------------------------------
@@ -226,6 +232,7 @@ class Run:
             if cap is not None:
                 words.append(f"nproc={cap}")
             ws = self.confine.workspace
+            pass_fds = self._open_rpc(env)
             argv = self.argv
             if ws is not None and "/" in argv[0] and not os.path.isabs(argv[0]):
                 # ./tool means the tool here, not in the workspace the command starts in.
@@ -234,6 +241,7 @@ class Run:
                 argv,
                 rlimits=words,
                 env=env,
+                pass_fds=pass_fds,
                 cwd=self.cwd if self.cwd is not None or ws is None else ws.path,
                 stdin=stdin,
                 stdout=stdout,
@@ -243,6 +251,8 @@ class Run:
             return self._failed(e, t0)
         confine = self.confine
         confine.after_spawn(self.child.pid)
+        if self.rpc is not None:
+            self.rpc.close_child_end()
         try:
             self._log("run_start", detail=self._start_detail())
             self._logged_start = True
@@ -255,6 +265,80 @@ class Run:
             self._drain()
             return self._failed(e, t0)
         return self._finish(t0)
+
+    def _open_rpc(self, env: dict[str, str]) -> tuple[int, ...]:
+        """The budget RPC, when the policy has something to ask it for (a budget, a
+        workspace's check_write, steps); the ledger opens here, so an unreachable store
+        fails the run (125) before the command starts."""
+        plan = self.plan
+        step_time = plan.limit("step_time")
+        if plan.budget is None and plan.workspace is None and step_time is None:
+            return ()
+        from ._backend import RunBackend
+        from .rpc import RpcServer
+
+        ledger = None
+        if plan.budget is not None:
+            from .budget._policy import BudgetPolicy
+            from .budget.ledger import Ledger
+
+            res = self.result
+            ledger = Ledger.open(
+                BudgetPolicy.model_validate(plan.budget),
+                run_id=res.run_id,
+                agent=res.agent or "default",
+                session=res.session,
+            )
+        assert self.confine is not None
+        usage = self.result.usage
+        self.backend = RunBackend(self, usage, ledger, self.confine.workspace, step_time)
+        self.rpc = RpcServer(
+            self.backend,
+            run_id=self.result.run_id,
+            agent=self.result.agent or "",
+            on_error=self._rpc_error,
+        )
+        env.update(self.rpc.child_env())
+        return (self.rpc.child_fd,)
+
+    def _rpc_error(self, code: int, message: str, excerpt: str) -> None:
+        self._log(
+            "rpc_error",
+            action="reply",
+            detail={"code": code, "message": message, "excerpt": excerpt[:200]},
+        )
+
+    # -- what the budget backend tells the run (_backend.RunEvents) --------------------
+
+    def budget_denied(self, error: BudgetError | StoreUnavailable) -> None:
+        used = getattr(error, "used", None)
+        observed = used if isinstance(used, int) else None if used is None else float(used)
+        value = getattr(error, "limit_value", None)
+        self._log(
+            "denied",
+            limit=getattr(error, "limit", None),
+            observed=observed,
+            limit_value=value if isinstance(value, int) or value is None else float(value),
+            action="deny",
+            detail=str(error),
+        )
+
+    def budget_breached(self, error: BudgetExceeded) -> None:
+        used = error.used if isinstance(error.used, int) else float(error.used)
+        value = (
+            error.limit_value if isinstance(error.limit_value, int) else float(error.limit_value)
+        )
+        self._breach(error.limit, used, value, f"{error.scope} {error.key}, spend recorded")
+
+    def budget_alert(self, alert: Alert) -> None:
+        used = alert.used if isinstance(alert.used, int) else float(alert.used)
+        value = (
+            alert.limit_value if isinstance(alert.limit_value, int) else float(alert.limit_value)
+        )
+        self._alert(alert.limit, used, value, fractions=(alert.threshold,), scope=alert.scope)
+
+    def usage_changed(self) -> None:
+        pass  # the on_usage hook comes with the audit and reports issue
 
     def _open_audit(self) -> AuditLog:
         from .audit import AuditLog, default_audit_file
@@ -312,6 +396,10 @@ class Run:
         storage_fd = confine.fileno()
         if storage_fd >= 0:
             poller.register(storage_fd, select.POLLIN)
+        rpc_fd = self.rpc.fileno() if self.rpc is not None else -1
+        if rpc_fd >= 0:
+            poller.register(rpc_fd, select.POLLIN)
+        backend = self.backend
         buf = b""
         while True:
             now = time.monotonic()
@@ -354,8 +442,17 @@ class Run:
                 sample_at = now + next_interval(prev, cur, watched)
                 prev = cur
                 continue
+            step = backend.step_deadline() if backend is not None else None
+            if step is not None and now >= step[0]:
+                step_time = self.plan.limit("step_time")
+                began = step[0] - step_time
+                backend.steps.pop(step[1], None)  # type: ignore[union-attr]  # step is not None
+                self._breach("step_time", now - began, step_time, f"step {step[1]!r}")
+                continue
             deadlines = [
-                d for d in (wall_at, self._kill_at, self._give_up_at, sample_at) if d is not None
+                d
+                for d in (wall_at, self._kill_at, self._give_up_at, sample_at, step and step[0])
+                if d is not None
             ]
             timeout = max(0.0, min(deadlines) - now)
             for fd, _ in poller.poll(timeout * 1000 + 0.5):
@@ -364,6 +461,10 @@ class Run:
                     continue
                 if fd == storage_fd:
                     self._on_storage(confine.poll(prev.pids if prev is not None else []))
+                    continue
+                if fd == rpc_fd:
+                    assert self.rpc is not None
+                    self.rpc.on_readable()
                     continue
                 chunk = os.read(child.status_fd, 65536)
                 if not chunk:  # the reaper is gone without saying the tree is empty
@@ -439,15 +540,24 @@ class Run:
             else:
                 self._alert(name, used, limit)
 
-    def _alert(self, limit: str, used: float, value: float) -> None:
-        """At each alert fraction of a limit, once per run: the hook, the log, the result."""
-        for frac in ALERTS:
-            key = (limit, frac)
+    def _alert(
+        self,
+        limit: str,
+        used: float,
+        value: float,
+        fractions: tuple[float, ...] = ALERTS,
+        scope: str | None = None,
+    ) -> None:
+        """At each alert fraction of a limit, once per run: the hook, the log, the result,
+        and a ``warning`` notification to the child over the budget RPC."""
+        for frac in fractions:
+            key = (f"{scope}.{limit}" if scope else limit, frac)
             if used < frac * value or key in self._alerted:
                 continue
             self._alerted.add(key)
             shown = f"{format_limit(limit, used)} of {format_limit(limit, value)}"
-            message = f"{limit} at {frac:.0%} of its limit: {shown}"
+            where = f"{scope} " if scope else ""
+            message = f"{where}{limit} at {frac:.0%} of its limit: {shown}"
             warning = {
                 "limit": limit,
                 "fraction": frac,
@@ -455,6 +565,11 @@ class Run:
                 "limit_value": value,
                 "message": message,
             }
+            if scope:
+                warning["scope"] = scope
+            if self.rpc is not None:
+                note = {"limit": limit, "used": used, "limit_value": value, "fraction": frac}
+                self.rpc.notify("warning", {**note, **({"scope": scope} if scope else {})})
             self.result.warnings.append(warning)
             self._log(
                 "warning",
@@ -605,6 +720,11 @@ class Run:
             child.signal_tree(signal.SIGKILL)
             self._give_up_at = time.monotonic() + REAPER_DEADLINE
         else:
+            if self.rpc is not None:
+                v = self.result.violation
+                limit = None if v is None or sweep else v.limit
+                self.rpc.notify("stopping", {"limit": limit, "grace": self.plan.grace})
+                self.rpc.on_readable()  # flush it before the signal lands
             self._sent_by_us.add(signal.SIGTERM)
             child.signal_tree(signal.SIGTERM)
             self._kill_at = time.monotonic() + self.plan.grace
@@ -659,6 +779,10 @@ class Run:
     def _close(self) -> None:
         if self.confine is not None:
             self.confine.close()
+        if self.rpc is not None:
+            self.rpc.close()
+        if self.backend is not None and self.backend.ledger is not None:
+            self.backend.ledger.close()
         child = self.child
         if child is not None:
             child.close()
@@ -686,6 +810,7 @@ class Run:
             res.returncode = os.WEXITSTATUS(wstatus)
         elif os.WIFSIGNALED(wstatus):
             res.returncode = -os.WTERMSIG(wstatus)
+        self._settle()
         self._check_after_exit()
         v = res.violation
         if v is not None and self.plan.on_violation == "kill":
@@ -708,6 +833,19 @@ class Run:
             res.exit_code = 128 + self._forwarded
         self._end(res)
         return res
+
+    def _settle(self) -> None:
+        """The tree is gone: holds still open are charged at their input estimate."""
+        if self.backend is None:
+            return
+        try:
+            settled = self.backend.settle()
+        except SupervisorError as e:  # the store is gone: say so, the holds will expire
+            self._log("unsettled", action="failed", detail=str(e))
+            return
+        for s in settled:
+            detail = {k: float(v) if k == "usd" else v for k, v in s.items()}
+            self._log("unsettled", action="charged", limit="usd", detail=detail)
 
     def _check_after_exit(self) -> None:
         """The tree's exact CPU total (from the reaper's rusage) against cpu_time, and the

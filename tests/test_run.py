@@ -97,10 +97,10 @@ def test_cli_no_command_and_bad_policy_exit_125(tmp_path: Path) -> None:
     assert unset.returncode == 125 and "--set limits.wall_time=soon" in unset.stderr
 
 
-def test_cli_refuses_options_of_features_not_built_yet() -> None:
-    """--store is refused clearly rather than silently ignored."""
-    done = supervise("--store", "sqlite:///x", "--", "true")
-    assert done.returncode == 125 and "not supported yet" in done.stderr
+def test_cli_store_option_is_the_budget_store(tmp_path: Path) -> None:
+    """--store URL is --set budget.store=URL: a bad URL is refused with 125, naming it."""
+    done = supervise("--store", "ftp://x", "--", "true")
+    assert done.returncode == 125 and "ftp://x" in done.stderr
 
 
 # -- wall_time ----------------------------------------------------------------------

@@ -1,0 +1,210 @@
+"""What the budget RPC of a run dispatches to: the ledger, the workspace, the steps.
+
+``RunBackend`` implements ``_rpc_methods.Backend`` for one run.  It turns the ledger's
+answers into the RPC's dicts and tells the run what happened, through ``RunEvents``:
+a denial (audit ``denied``), spend written past a limit (a violation), an alert fraction
+crossed (a warning, and a notification to the child), and the usage totals
+(``RunResult.usage``: calls, tokens, USD, by model and by label).
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from typing import Any, Protocol
+
+from .errors import BudgetError, BudgetExceeded, StoreUnavailable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .budget.ledger import Alert, Charge, Ledger
+    from .result import Usage
+    from .workspace import Workspace
+
+
+class RunEvents(Protocol):
+    """What the run does with the backend's news (``supervisor.Run`` implements it)."""
+
+    def budget_denied(self, error: BudgetError | StoreUnavailable) -> None: ...
+    def budget_breached(self, error: BudgetExceeded) -> None: ...
+    def budget_alert(self, alert: Alert) -> None: ...
+    def usage_changed(self) -> None: ...
+
+
+class RunBackend:
+    """The budget RPC's backend for one run."""
+
+    def __init__(
+        self,
+        events: RunEvents,
+        usage: Usage,
+        ledger: Ledger | None,
+        workspace: Workspace | None,
+        step_time: float | None,
+    ) -> None:
+        self.events = events
+        self.totals = usage  # RunResult.usage (``usage`` is the RPC method)
+        self.ledger = ledger
+        self.workspace = workspace
+        self.step_time = step_time
+        self.steps: dict[str, float] = {}  # open step -> when it began (monotonic)
+        self._calls: dict[str, tuple[str, str | None]] = {}  # hold -> (model, label)
+
+    # -- the ledger ---------------------------------------------------------------------
+
+    def _ledger(self) -> Ledger:
+        if self.ledger is None:
+            raise NotImplementedError("this run has no budget (add a budget section)")
+        return self.ledger
+
+    def reserve(
+        self,
+        *,
+        model: str,
+        provider: str | None,
+        input_tokens: int,
+        max_output_tokens: int,
+        usd: Decimal | None,
+        label: str | None,
+        key: str | None,
+    ) -> dict[str, Any]:
+        ledger = self._ledger()
+        try:
+            hold = ledger.reserve(
+                model=model,
+                provider=provider,
+                input_tokens=input_tokens,
+                max_output_tokens=max_output_tokens,
+                usd=usd,
+                label=label,
+                key=key,
+            )
+        except (BudgetError, StoreUnavailable) as e:
+            self.events.budget_denied(e)
+            raise
+        self._calls[hold.id] = (model, label)
+        return {"reservation": hold.id, "usd_held": hold.usd_held, "tokens_held": hold.tokens_held}
+
+    def commit(self, reservation: str, **counts: Any) -> dict[str, Any]:
+        ledger = self._ledger()
+        model, label = self._calls.pop(reservation, ("?", None))
+        return self._charged(lambda: ledger.commit(reservation, **counts), model, label, counts)
+
+    def record(
+        self, *, model: str, provider: str | None, label: str | None, key: str | None, **counts: Any
+    ) -> dict[str, Any]:
+        ledger = self._ledger()
+
+        def charge() -> Charge:
+            return ledger.record(model=model, provider=provider, label=label, key=key, **counts)
+
+        return self._charged(charge, model, label, counts)
+
+    def _charged(
+        self, do: Callable[[], Charge], model: str, label: str | None, counts: dict[str, Any]
+    ) -> dict[str, Any]:
+        try:
+            charge = do()
+        except BudgetExceeded as e:
+            if e.charge is not None:  # the spend happened and was written: count it
+                self._count(e.charge, model, label, counts)
+                self.events.budget_breached(e)
+            else:
+                self.events.budget_denied(e)
+            raise
+        except (BudgetError, StoreUnavailable) as e:
+            self.events.budget_denied(e)
+            raise
+        self._count(charge, model, label, counts)
+        return {"usd": charge.usd, "tokens": charge.tokens, "usage": charge.usage.to_dict()}
+
+    def _count(self, charge: Charge, model: str, label: str | None, counts: dict[str, Any]) -> None:
+        tokens_in = int(counts.get("input_tokens", 0))
+        tokens_out = int(counts.get("output_tokens", 0))
+        if not charge.replayed:
+            self._add(model, label, 1, tokens_in, tokens_out, charge.usd)
+        for alert in charge.alerts:
+            self.events.budget_alert(alert)
+
+    def _add(
+        self, model: str, label: str | None, calls: int, tin: int, tout: int, usd: Decimal
+    ) -> None:
+        u = self.totals
+        u.api_calls += calls
+        u.input_tokens += tin
+        u.output_tokens += tout
+        u.usd += usd
+        for table, name in ((u.by_model, model), (u.by_label, label)):
+            if name is None:
+                continue
+            row = table.setdefault(
+                name, {"calls": 0, "input_tokens": 0, "output_tokens": 0, "usd": Decimal(0)}
+            )
+            for field, add in (("calls", calls), ("input_tokens", tin), ("output_tokens", tout)):
+                row[field] = _int(row[field]) + add
+            row["usd"] = _dec(row["usd"]) + usd
+        self.events.usage_changed()
+
+    def release(self, reservation: str) -> dict[str, Any]:
+        self._calls.pop(reservation, None)
+        self._ledger().release(reservation)
+        return {}
+
+    def usage(self) -> dict[str, Any]:
+        return {"scopes": [scope.to_dict() for scope in self._ledger().usage()]}
+
+    def settle(self) -> list[dict[str, Any]]:
+        """The child exited: charge every hold still open at its input estimate."""
+        if self.ledger is None:
+            return []
+        settled = []
+        for s in self.ledger.settle_open():
+            self._calls.pop(s.hold_id, None)
+            self._add(s.model, s.label, 1, s.tokens, 0, s.usd)
+            settled.append(
+                {
+                    "reservation": s.hold_id,
+                    "usd": s.usd,
+                    "tokens": s.tokens,
+                    "model": s.model,
+                    "label": s.label,
+                }
+            )
+        return settled
+
+    # -- the workspace and the steps ------------------------------------------------------
+
+    def check_write(self, path: str, size: int) -> dict[str, Any]:
+        if self.workspace is None:
+            return {"allowed": True, "reason": "no workspace: supervise does not limit writes"}
+        allowed, reason = self.workspace.check_write(path, size)
+        return {"allowed": allowed, "reason": reason}
+
+    def step_begin(self, name: str) -> dict[str, Any]:
+        if name in self.steps:
+            raise ValueError(f"step {name!r} has already begun (end it first)")
+        self.steps[name] = time.monotonic()
+        return {} if self.step_time is None else {"step_time": self.step_time}
+
+    def step_end(self, name: str) -> dict[str, Any]:
+        began = self.steps.pop(name, None)
+        if began is None:
+            raise ValueError(f"no step {name!r} has begun (call step_begin first)")
+        return {"elapsed": round(time.monotonic() - began, 6)}
+
+    def step_deadline(self) -> tuple[float, str] | None:
+        """When the oldest open step breaks step_time, and its name."""
+        if self.step_time is None or not self.steps:
+            return None
+        name, began = min(self.steps.items(), key=lambda item: item[1])
+        return began + self.step_time, name
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _dec(value: object) -> Decimal:
+    return value if isinstance(value, Decimal) else Decimal(0)
