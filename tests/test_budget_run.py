@@ -322,3 +322,95 @@ def test_sigterm_to_supervise_settles_open_holds(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=GLOBAL_TIMEOUT) == 128 + signal.SIGTERM
     assert len(events(audit, "unsettled")) == 1
+
+
+AGENT = """
+import sys
+import openai
+from supervisor import client
+oa = client.instrument_openai(
+    openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="k", max_retries=0), label="writer"
+)
+done = 0
+for i in range(int(sys.argv[2])):
+    try:
+        oa.chat.completions.create(
+            model="m1", messages=[{"role": "user", "content": "hi"}], max_tokens=500
+        )
+        done += 1
+    except client.BudgetExceeded:
+        pass
+print(done)
+"""
+
+
+def test_instrumented_sdk_in_a_real_run_is_priced_exactly(tmp_path: Path) -> None:
+    """The real openai SDK against a fake provider, under a real run and ledger: the usage
+    the provider reported (1200 in, 1000 of them cached, 300 out) priced exactly."""
+    from fake_provider import FakeProvider
+
+    provider = FakeProvider()
+    try:
+        prices = {"m1": {"input": 1, "output": 2, "cached_input": "0.5"}}
+        policy = budget_policy(tmp_path, run={"usd": 1}, pricing=prices)
+        result = Supervisor(policy).run([*python(AGENT), provider.url, "2"])
+    finally:
+        provider.close()
+    assert result.exit_code == 0
+    u = result.usage
+    assert (u.api_calls, u.input_tokens, u.output_tokens) == (2, 2400, 600)
+    # per call: 200 uncached x $1 + 1000 cached x $0.5 + 300 out x $2, per million
+    assert u.usd == 2 * Decimal("0.0013")
+    assert u.by_label["writer"]["calls"] == 2 and len(provider.requests) == 2
+
+
+def test_calls_limit_lets_exactly_that_many_requests_reach_the_provider(tmp_path: Path) -> None:
+    """run.calls: 5 and an agent trying 8 calls: exactly 5 requests reach the provider."""
+    from fake_provider import FakeProvider
+
+    provider = FakeProvider()
+    try:
+        policy = budget_policy(tmp_path, run={"calls": 5})
+        r, w = os.pipe()
+        with os.fdopen(r) as reader:
+            result = Supervisor(policy).run([*python(AGENT), provider.url, "8"], stdout=w)
+            os.close(w)
+            made = reader.read().strip()
+    finally:
+        provider.close()
+    assert result.exit_code == 0 and made == "5" and len(provider.requests) == 5
+
+
+def test_two_runs_of_one_session_racing_never_overspend(tmp_path: Path) -> None:
+    """Two supervised runs of one session at once, each trying 6 calls under session.calls
+    = 7: exactly 7 granted in all."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nbudget:\n  session: {calls: 7}\n  pricing: {m1: {input: 1, output: 2}}\n"
+    )
+    store = f"sqlite:///{tmp_path}/shared.db"
+    cmd = [
+        sys.executable,
+        "-m",
+        "supervisor",
+        "-q",
+        "-p",
+        str(policy),
+        "--store",
+        store,
+        "--session",
+        "s1",
+        "--json",
+        "-",
+        "--",
+        *python(CALLS),
+        "6",
+        "race",
+    ]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    calls = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=GLOBAL_TIMEOUT)
+        assert proc.returncode == 0
+        calls.append(json.loads(out.splitlines()[-1])["usage"]["api_calls"])
+    assert sum(calls) == 7
