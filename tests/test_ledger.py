@@ -171,6 +171,23 @@ def test_expired_hold_is_charged_at_its_input_estimate(make: Callable[..., Ledge
     )  # fmt: skip
 
 
+def test_a_reserve_that_would_be_denied_expires_holds_first(make: Callable[..., Ledger]) -> None:
+    """Holds expired a moment ago (before any sweep) do not cause a denial: swept, then granted."""
+    clock = Clock()
+    ledger = make({"run": {"usd": "0.02"}}, clock=clock, hold_ttl=0.5)
+    ledger.reserve(model="m", input_tokens=1000, max_output_tokens=9000)  # holds $0.019
+    clock.now += 0.6  # expired, and within the same second as the last sweep
+    ledger.reserve(model="m", input_tokens=1000, max_output_tokens=9000)  # 0.001 + 0.019 fits
+    run = scope(ledger, "run")
+    assert (run.usd.used, run.usd.held, run.calls.used, run.calls.held) == (
+        Decimal("0.001"), Decimal("0.019"), 1, 1
+    )  # fmt: skip
+    with pytest.raises(BudgetExceeded) as info:
+        ledger.reserve(model="m", input_tokens=1)
+    assert (info.value.used, info.value.held) == (Decimal("0.001"), Decimal("0.019"))
+    assert scope(ledger, "run").usd.held == Decimal("0.019")  # the denied hold was taken back
+
+
 def test_commit_after_expiry_charges_the_actual_once(make: Callable[..., Ledger]) -> None:
     """A late commit replaces the expiry's estimate with the actual usage (not both)."""
     clock = Clock()

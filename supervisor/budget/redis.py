@@ -21,11 +21,14 @@ __all__ = ["RedisStore"]
 
 _PRELUDE = r"""
 local P = string.sub(KEYS[1], 1, -7)
-local op = cjson.decode(ARGV[1])
-local now = op.now
-if now == nil or now == cjson.null then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now
+local function init(at)
+  if at == nil or at == cjson.null or at == '' then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  else
+    now = tonumber(at)
+  end
 end
 local function num(x) return tonumber(x) or 0 end
 local function row(sid)
@@ -107,14 +110,14 @@ local function finish(id, h, charged, state)
   if h.key then redis.call('PEXPIRE', P .. 'k:' .. h.key, 604800000) end
   return sids, delta
 end
-local function expire()
+local function expire(agent)
   local due = redis.call('ZRANGEBYSCORE', P .. 'open', '-inf', now)
   for _, id in ipairs(due) do
     local h = hold(id)
     if h then
       local est = amounts(h, 'est_')
       finish(id, h, est, 'expired')
-      event('expire', {agent = op.agent, run_id = h.run_id, hold_id = id,
+      event('expire', {agent = agent, run_id = h.run_id, hold_id = id,
         calls = est[1], tokens = est[2], usd = est[3]})
     else
       redis.call('ZREM', P .. 'open', id)
@@ -132,84 +135,101 @@ local function rows_of(sids)
 end
 """
 
+# ARGV[1]: one flat JSON array, not a JSON object nor one argument per value (redis-py packs
+# each argument in Python, ~1.5 us apiece): now ('' = the server's), hold id, key, ttl,
+# amount (3), estimate (3), calls and tokens per minute, agent, run id, session, model,
+# provider, label, price source, the scope ids as JSON (stored with the hold), the grant
+# event as JSON, then per scope: id and its three limits. '' is "none". The scope rows
+# are read once and written with one HSET each; the grant event is one stream field.
 _RESERVE = r"""
-expire()
-if op.key ~= nil and op.key ~= cjson.null then
-  local id = redis.call('GET', P .. 'k:' .. op.key)
-  if id then
-    local h = hold(id) or {}
-    return {'replay', id, num(h.usd), num(h.tokens), tostring(h.expires)}
+local A = cjson.decode(ARGV[1])
+init(A[1])
+local id, key, agent = A[2], A[3], A[13]
+expire(agent)
+if key ~= '' then
+  local found = redis.call('GET', P .. 'k:' .. key)
+  if found then
+    local h = hold(found) or {}
+    return {'replay', found, num(h.usd), num(h.tokens), tostring(h.expires)}
   end
 end
-local amount = op.amount
-local sids = {}
-for _, s in ipairs(op.scopes) do
-  local sid, limits = s[1], s[2]
-  sids[#sids + 1] = sid
-  local r = row(sid)
+local amount = {tonumber(A[5]), tonumber(A[6]), tonumber(A[7])}
+local keys, rows, new = {}, {}, {}
+for j = 22, #A, 4 do
+  local sid = A[j]
+  local k = P .. 's:' .. sid
+  local r = redis.call('HMGET', k, 'cu', 'tu', 'uu', 'ch', 'th', 'uh')
+  if not r[1] and not r[4] then new[#new + 1] = sid end
+  r = {num(r[1]), num(r[2]), num(r[3]), num(r[4]), num(r[5]), num(r[6])}
   for i = 1, 3 do
-    local limit = limits[i]
-    if limit ~= cjson.null and r[i] + r[i + 3] + amount[i] > limit then
-      event('deny', {agent = op.agent, run_id = op.run_id, session = op.session,
-        scope = sid, calls = amount[1], tokens = amount[2], usd = amount[3], model = op.event.model,
-        label = op.event.label, detail = {limit = i - 1, used = r[i], held = r[i + 3]}})
+    local limit = tonumber(A[j + i])
+    if limit and r[i] + r[i + 3] + amount[i] > limit then
+      event('deny', {agent = agent, run_id = A[14], session = A[15], scope = sid,
+        calls = amount[1], tokens = amount[2], usd = amount[3], model = A[16],
+        label = A[18] ~= '' and A[18] or nil,
+        detail = {limit = i - 1, used = r[i], held = r[i + 3]}})
       return {'deny', sid, i - 1, r[i], r[i + 3], limit}
     end
   end
+  keys[#keys + 1] = k
+  rows[#rows + 1] = r
 end
-local rate = op.rate
-if rate[1] ~= cjson.null or rate[2] ~= cjson.null then
+local rate = {tonumber(A[11]), tonumber(A[12])}
+if rate[1] or rate[2] then
   local rows = window()
   local needs = {1, amount[2]}
   for index = 1, 2 do
     local limit = rate[index]
     local used = 0
     for _, b in ipairs(rows) do used = used + b[index + 1] end
-    if limit ~= cjson.null and used + needs[index] > limit then
+    if limit and used + needs[index] > limit then
       local freed, retry = 0, 60
       for _, b in ipairs(rows) do
         freed = freed + b[index + 1]
         if used - freed + needs[index] <= limit then retry = b[1] + 60 - now; break end
       end
       if retry < 0.001 then retry = 0.001 end
-      event('deny', {agent = op.agent, run_id = op.run_id, scope = 'rate',
+      event('deny', {agent = agent, run_id = A[14], scope = 'rate',
         detail = {limit = index - 1, used = used}})
       return {'rate', index - 1, used, limit, tostring(retry)}
     end
   end
 end
-add(sids, {0, 0, 0}, amount)
-local expires = now + op.ttl
-local ev = op.event
-redis.call('HSET', P .. 'h:' .. op.hold_id, 'agent', op.agent, 'run_id', op.run_id,
-  'session', tostring(op.session == cjson.null and '' or op.session), 'state', 'open',
-  'scopes', cjson.encode(sids), 'calls', amount[1], 'tokens', amount[2], 'usd', amount[3],
-  'est_calls', op.estimate[1], 'est_tokens', op.estimate[2], 'est_usd', op.estimate[3],
-  'charged_calls', 0, 'charged_tokens', 0, 'charged_usd', 0,
-  'model', tostring(ev.model == cjson.null and '' or ev.model),
-  'provider', tostring(ev.provider == cjson.null and '' or ev.provider),
-  'label', tostring(ev.label == cjson.null and '' or ev.label),
-  'price_source', ev.price_source, 'created', string.format('%.6f', now),
-  'expires', string.format('%.6f', expires))
-if op.key ~= nil and op.key ~= cjson.null then
-  redis.call('SET', P .. 'k:' .. op.key, op.hold_id)
-  redis.call('HSET', P .. 'h:' .. op.hold_id, 'key', op.key)
+-- Every scope checked: hold on each (one HSET of the three held counters per scope).
+for n, k in ipairs(keys) do
+  local r = rows[n]
+  redis.call('HSET', k, 'ch', r[4] + amount[1], 'th', r[5] + amount[2], 'uh', r[6] + amount[3])
 end
-redis.call('ZADD', P .. 'open', expires, op.hold_id)
+for _, sid in ipairs(new) do redis.call('SADD', P .. 'scopes', sid) end
+local expires = now + tonumber(A[4])
+local at = string.format('%.6f', now)
+redis.call('HSET', P .. 'h:' .. id, 'agent', agent, 'run_id', A[14], 'session', A[15],
+  'state', 'open', 'scopes', A[20], 'calls', amount[1], 'tokens', amount[2],
+  'usd', amount[3], 'est_calls', A[8], 'est_tokens', A[9], 'est_usd', A[10],
+  'model', A[16], 'provider', A[17], 'label', A[18], 'price_source', A[19],
+  'created', at, 'expires', string.format('%.6f', expires))
+if key ~= '' then
+  redis.call('SET', P .. 'k:' .. key, id)
+  redis.call('HSET', P .. 'h:' .. id, 'key', key)
+end
+redis.call('ZADD', P .. 'open', expires, id)
 rate_add(now, 1, amount[2])
-ev.agent = op.agent; ev.run_id = op.run_id; ev.session = op.session; ev.hold_id = op.hold_id
-ev.key = op.key; ev.calls = amount[1]; ev.tokens = amount[2]; ev.usd = amount[3]
-event('grant', ev)
-return {'grant', op.hold_id, amount[3], amount[2], string.format('%.6f', expires)}
+-- The grant event: one field with the JSON the client wrote (events() spreads it out).
+redis.call('XADD', P .. 'events', '*', 'ts', at, 'kind', 'grant', 'e', A[21])
+return {'grant', id, amount[3], amount[2], string.format('%.6f', expires)}
 """
 
 _HOLD = r"""
+local op = cjson.decode(ARGV[1])
+init(op.now)
 local h = hold(op.hold_id)
 if not h or h.agent ~= op.agent then return nil end
 return {h.model, h.provider, h.state}
 """
 
 _COMMIT = r"""
+local op = cjson.decode(ARGV[1])
+init(op.now)
 local h = hold(op.hold_id)
 if not h or h.agent ~= op.agent then return {'missing'} end
 if h.state == 'committed' or h.state == 'recorded' then
@@ -233,6 +253,8 @@ return out
 """
 
 _RECORD = r"""
+local op = cjson.decode(ARGV[1])
+init(op.now)
 if op.key ~= nil and op.key ~= cjson.null then
   local id = redis.call('GET', P .. 'k:' .. op.key)
   if id then
@@ -264,6 +286,8 @@ return out
 """
 
 _RELEASE = r"""
+local op = cjson.decode(ARGV[1])
+init(op.now)
 local h = hold(op.hold_id)
 if not h or h.agent ~= op.agent then return 'missing' end
 if h.state ~= 'open' and h.state ~= 'expired' and h.state ~= 'settled' then return 'ok' end
@@ -276,7 +300,9 @@ return 'ok'
 """
 
 _USAGE = r"""
-expire()
+local op = cjson.decode(ARGV[1])
+init(op.now)
+expire(op.agent)
 local out = {}
 local calls, tokens = 0, 0
 for _, b in ipairs(window()) do calls = calls + b[2]; tokens = tokens + b[3] end
@@ -286,6 +312,8 @@ return out
 """
 
 _SETTLE = r"""
+local op = cjson.decode(ARGV[1])
+init(op.now)
 local out = {}
 for _, id in ipairs(redis.call('ZRANGE', P .. 'open', 0, -1)) do
   local h = hold(id)
@@ -302,6 +330,8 @@ return out
 """
 
 _RESET = r"""
+local op = cjson.decode(ARGV[1])
+init(op.now)
 local out = {}
 local sids = redis.call('SMEMBERS', P .. 'scopes')
 table.sort(sids)
@@ -346,6 +376,7 @@ class RedisStore:
             self._client = redis.Redis.from_url(
                 url, socket_timeout=timeout, socket_connect_timeout=timeout
             )
+            self._keys: dict[str, str] = {}
             seconds, micros = self._client.time()
             self._skew = seconds + micros / 1e6 - time.time()
         except self._errors as error:
@@ -361,10 +392,16 @@ class RedisStore:
             )
         }  # fmt: skip
 
-    def _run(self, name: str, op: dict[str, Any]) -> Any:
-        key = f"sv:{{{_tag(op['agent'])}}}:scopes"
+    def _key(self, agent: str) -> str:
+        """The key the scripts are routed by (its hash tag is the agent)."""
+        key = self._keys.get(agent)
+        if key is None:
+            key = self._keys[agent] = f"sv:{{{_tag(agent)}}}:scopes"
+        return key
+
+    def _run(self, name: str, op: dict[str, Any], args: list[Any] | None = None) -> Any:
         try:
-            return self._scripts[name](keys=[key], args=[json.dumps(op)])
+            return self._scripts[name](keys=[self._key(op["agent"])], args=args or [json.dumps(op)])
         except self._errors as error:
             raise StoreUnavailable(self.url, str(error) or type(error).__name__) from None
 
@@ -372,7 +409,24 @@ class RedisStore:
         return time.time() + self._skew
 
     def reserve(self, op: dict[str, Any]) -> dict[str, Any]:
-        out = self._run("reserve", op)
+        event, amount, now = op["event"], op["amount"], op["now"]
+        sids = [sid for sid, _ in op["scopes"]]
+        grant = {
+            "agent": op["agent"], "run_id": op["run_id"], "session": op["session"],
+            "hold_id": op["hold_id"], "key": op["key"], "calls": amount[0],
+            "tokens": amount[1], "usd": amount[2], **event,
+        }  # fmt: skip
+        args: list[Any] = [
+            "" if now is None else repr(now), op["hold_id"], op["key"] or "", op["ttl"],
+            *amount, *op["estimate"], *("" if x is None else x for x in op["rate"]),
+            op["agent"], op["run_id"], op["session"] or "", event["model"],
+            event["provider"] or "", event["label"] or "", event["price_source"],
+            json.dumps(sids), json.dumps({k: v for k, v in grant.items() if v is not None}),
+        ]  # fmt: skip
+        for sid, limits in op["scopes"]:
+            args.append(sid)
+            args.extend("" if x is None else x for x in limits)
+        out = self._run("reserve", op, [json.dumps(args)])
         verdict = _text(out[0])
         if verdict in ("grant", "replay"):
             return {"verdict": verdict, "hold_id": _text(out[1]), "usd": int(out[2]),
@@ -435,9 +489,14 @@ class RedisStore:
             entries = self._client.xrange(f"sv:{{{_tag(agent)}}}:events")
         except self._errors as error:
             raise StoreUnavailable(self.url, str(error) or type(error).__name__) from None
-        return [
-            {_text(k): _text(v) for k, v in (fields or {}).items()} for _, fields in entries or []
-        ]
+        found = []
+        for _, fields in entries or []:
+            event = {_text(k): _text(v) for k, v in (fields or {}).items()}
+            packed = event.pop("e", None)  # a grant's fields, written as one JSON value
+            if packed is not None:
+                event.update((k, str(v)) for k, v in json.loads(packed).items())
+            found.append(event)
+        return found
 
     def close(self) -> None:
         self._client.close()
