@@ -164,26 +164,26 @@ static int collect(pid_t root, pid_t *out, int max) {
     return n; /* out[0] is root itself */
 }
 
-static pid_t pids[MAX_PIDS];
+static pid_t pids[MAX_PIDS], pgids[MAX_PIDS];
 
 /* Signal every descendant; returns how many were signalled.  Reports them as
  * "s SIG pid..." lines (several when they do not fit one) when `report` is set or
  * anything was signalled. */
 static int signal_tree(int sig, int report) {
-    /* The command's group first, atomic against fork; then every descendant outside it.
-     * A group member is not signalled twice: a second SIGINT or SIGTERM would cut short
-     * the handler of a child that is shutting down cleanly. */
-    int group = cmd_pid > 0 && kill(-cmd_pid, sig) == 0;
+    /* The tree as it is now (so what the signal is about to kill is still listed), then
+     * the command's group at once (atomic against fork), then every descendant outside
+     * it.  A group member is not signalled twice: a second SIGINT or SIGTERM would cut
+     * short the handler of a child that is shutting down cleanly. */
     int n = collect(getpid(), pids, MAX_PIDS);
+    for (int i = 1; i < n; i++) pgids[i] = getpgid(pids[i]);
+    int group = cmd_pid > 0 && kill(-cmd_pid, sig) == 0;
     char line[2048];
     int off = snprintf(line, sizeof line, "s %d", sig);
     int count = 0, pending = 0;
     for (int i = 1; i < n; i++) {
-        if (group && sig != SIGKILL && getpgid(pids[i]) == cmd_pid) {
-            if (kill(pids[i], 0) != 0) continue;
-        } else if (kill(pids[i], sig) != 0) {
+        if (pgids[i] < 0) continue; /* gone before the signal */
+        if (!(group && sig != SIGKILL && pgids[i] == cmd_pid) && kill(pids[i], sig) != 0)
             continue;
-        }
         count++;
         pending = 1;
         off += snprintf(line + off, sizeof line - off, " %d", (int)pids[i]);
