@@ -168,10 +168,16 @@ class Confinement:
         self.tracker.poll()
         return self._observe(pids)
 
-    def held_open(self, pids: list[int], now: float) -> list[tuple[str, int, int, str]]:
-        """Now and then, once files were deleted: count those the tree still holds open."""
+    def periodic(self, pids: list[int], now: float) -> list[tuple[str, int, int, str]]:
+        """At each tree sample: a rescan when a directory could not be watched, and (twice a
+        second, once files were deleted) the deleted files the tree still holds open."""
         tracker = self.tracker
-        if tracker is None or not tracker.unlinked or now < self._held_at:
+        if tracker is None:
+            return []
+        if tracker.maybe_rescan(now):
+            tracker.held_open(pids)
+            return self._observe(pids)
+        if not tracker.unlinked or now < self._held_at:
             return []
         self._held_at = now + HELD_OPEN_EVERY
         before = tracker.held

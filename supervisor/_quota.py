@@ -10,8 +10,9 @@ event names a path, and only those paths are ``lstat``-ed again.  The counts are
 - ``files``: entries under the workspace, files and directories alike;
 - ``largest``: the largest file by size (``max_file_size``).
 
-A queue overflow (``IN_Q_OVERFLOW``) or a watch that cannot be added triggers a full
-rescan, so a flood of events costs time, never accuracy.
+A queue overflow (``IN_Q_OVERFLOW``) triggers a full rescan, and a watch that cannot be
+added (``max_user_watches``) makes the tracker rescan periodically instead (``maybe_rescan``),
+so a flood of events or a huge tree costs time, never accuracy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -89,7 +91,8 @@ class QuotaTracker:
         self.held = 0  # deleted files the tree still holds open
         self.unlinked = 0  # entries removed during the run (then held_open is worth a look)
         self.rescans = 0
-        self.degraded = False  # a watch could not be added: poll() rescans instead
+        self.degraded = False  # a watch could not be added: maybe_rescan() rescans instead
+        self._rescan_at = 0.0
         self._largest: tuple[int, str] | None = None
         self.rescan()
 
@@ -129,7 +132,7 @@ class QuotaTracker:
             except BlockingIOError:
                 break
             overflow |= self._parse(data, dirty)
-        if overflow or self.degraded:
+        if overflow:
             self.rescan()
             return True
         # A directory grows blocks as entries are added, without an event of its own.
@@ -138,6 +141,16 @@ class QuotaTracker:
         for path in dirty | parents:
             self._refresh(path)
         return bool(dirty)
+
+    def maybe_rescan(self, now: float) -> bool:
+        """Degraded (a directory has no watch, so its changes send no event): rescan now
+        and then instead, at most every 10 times what a rescan costs, at least every 1 s."""
+        if not self.degraded or now < self._rescan_at:
+            return False
+        began = time.monotonic()
+        self.rescan()
+        self._rescan_at = now + max(1.0, 10 * (time.monotonic() - began))
+        return True
 
     def held_open(self, pids: Iterable[int]) -> int:
         """Re-count the deleted files of the workspace the tree still holds open (the disk

@@ -426,7 +426,7 @@ class Run:
                 cur = sampler.sample(now)
                 watched = self._on_sample(cur, now - t0)
                 if storage_fd >= 0:
-                    self._on_storage(confine.held_open(cur.pids, now))
+                    self._on_storage(confine.periodic(cur.pids, now))
                 if self.on_sample is not None:
                     current = {name: used for name, used, _ in watched}
                     current.update(
@@ -443,11 +443,10 @@ class Run:
                 prev = cur
                 continue
             step = backend.step_deadline() if backend is not None else None
-            if step is not None and now >= step[0]:
+            if step is not None and backend is not None and now >= step[0]:
                 step_time = self.plan.limit("step_time")
-                began = step[0] - step_time
-                backend.steps.pop(step[1], None)  # type: ignore[union-attr]  # step is not None
-                self._breach("step_time", now - began, step_time, f"step {step[1]!r}")
+                backend.steps.pop(step[1], None)
+                self._breach("step_time", now - step[0] + step_time, step_time, f"step {step[1]!r}")
                 continue
             deadlines = [
                 d

@@ -414,3 +414,17 @@ def test_two_runs_of_one_session_racing_never_overspend(tmp_path: Path) -> None:
         assert proc.returncode == 0
         calls.append(json.loads(out.splitlines()[-1])["usage"]["api_calls"])
     assert sum(calls) == 7
+
+
+@pytest.mark.parametrize(("calls", "granted", "denied"), [(2, 2, 1), (3, 3, 0), (None, 3, 0)])
+def test_calls_limit_exceeded_raised_and_off(
+    calls: int | None, granted: int, denied: int, tmp_path: Path, audit_log: Path
+) -> None:
+    """run.calls 2 and 3 calls: the third is denied (a `denied` line naming calls, the
+    run's own status); 3 or null: all pass."""
+    policy = budget_policy(tmp_path, run={"calls": calls})
+    result = Supervisor(policy).run([*python(CALLS), "3", "x"])
+    assert result.exit_code == 0 and result.violation is None
+    assert result.usage.api_calls == granted
+    lines = events(audit_log, "denied")
+    assert len(lines) == denied and all(line["limit"] == "calls" for line in lines)

@@ -642,3 +642,32 @@ def test_doctor_reports_jail_network_and_quota() -> None:
     rows = json.loads(done.stdout)
     assert {"landlock", "network_deny", "quota_watch"} <= set(rows)
     assert rows["quota_watch"]["available"] is True
+
+
+def test_a_directory_without_a_watch_is_rescanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past max_user_watches a directory gets no watch: its writes send no event, so the
+    tracker rescans now and then and still counts them."""
+    tracker = QuotaTracker(str(tmp_path))
+    real = QuotaTracker._watch
+
+    def no_more_watches(self: QuotaTracker, path: str) -> None:
+        if path == self.root:
+            real(self, path)
+        else:
+            self.degraded = True  # as when inotify_add_watch says ENOSPC
+
+    monkeypatch.setattr(QuotaTracker, "_watch", no_more_watches)
+    try:
+        (tmp_path / "sub").mkdir()
+        tracker.poll()
+        assert tracker.degraded
+        (tmp_path / "sub" / "f").write_bytes(b"x" * 10000)
+        tracker.poll()
+        assert tracker.totals() == (4096, 1)  # the write in sub/ sent nothing
+        assert tracker.maybe_rescan(now=1e9)
+        assert tracker.totals() == (4096 + 12288, 2)
+        assert not tracker.maybe_rescan(now=1e9)  # not again before its interval
+    finally:
+        tracker.close()

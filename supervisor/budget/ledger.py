@@ -478,6 +478,7 @@ class Ledger:
         tokens = Tokens(
             input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
         )
+        tokens.check()
         micro, source, version = self._actual(model, provider, tokens, usd)
         now = self._now()
         op = self._base(now)
