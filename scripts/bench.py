@@ -357,7 +357,7 @@ def jail_cost(audit: str) -> None:
             "Landlock jail set-up per spawn (`Supervisor.run(['true'])`)",
             f"same workspace, jail off {o:.2f} ms; no workspace {b:.2f} ms",
             f"{j:.2f} ms (writes jailed); {n:.2f} ms (reads listed too)",
-            f"+{j - o:.2f} ms, +{n - o:.2f} ms",
+            f"{j - o:+.2f} ms, {n - o:+.2f} ms (differences within noise read as 0)",
         )
     )
 
