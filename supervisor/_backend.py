@@ -30,7 +30,7 @@ class RunEvents(Protocol):
     def budget_denied(self, error: BudgetError | StoreUnavailable) -> None: ...
     def budget_breached(self, error: BudgetExceeded) -> None: ...
     def budget_alert(self, alert: Alert) -> None: ...
-    def usage_changed(self) -> None: ...
+    def usage_changed(self, call: dict[str, Any]) -> None: ...
 
 
 class RunBackend:
@@ -90,7 +90,9 @@ class RunBackend:
     def commit(self, reservation: str, **counts: Any) -> dict[str, Any]:
         ledger = self._ledger()
         model, label = self._calls.pop(reservation, ("?", None))
-        return self._charged(lambda: ledger.commit(reservation, **counts), model, label, counts)
+        return self._charged(
+            lambda: ledger.commit(reservation, **counts), model, label, counts, "commit"
+        )
 
     def record(
         self, *, model: str, provider: str | None, label: str | None, key: str | None, **counts: Any
@@ -100,16 +102,21 @@ class RunBackend:
         def charge() -> Charge:
             return ledger.record(model=model, provider=provider, label=label, key=key, **counts)
 
-        return self._charged(charge, model, label, counts)
+        return self._charged(charge, model, label, counts, "record")
 
     def _charged(
-        self, do: Callable[[], Charge], model: str, label: str | None, counts: dict[str, Any]
+        self,
+        do: Callable[[], Charge],
+        model: str,
+        label: str | None,
+        counts: dict[str, Any],
+        how: str,
     ) -> dict[str, Any]:
         try:
             charge = do()
         except BudgetExceeded as e:
             if e.charge is not None:  # the spend happened and was written: count it
-                self._count(e.charge, model, label, counts)
+                self._count(e.charge, model, label, counts, how)
                 self.events.budget_breached(e)
             else:
                 self.events.budget_denied(e)
@@ -117,19 +124,28 @@ class RunBackend:
         except (BudgetError, StoreUnavailable) as e:
             self.events.budget_denied(e)
             raise
-        self._count(charge, model, label, counts)
+        self._count(charge, model, label, counts, how)
         return {"usd": charge.usd, "tokens": charge.tokens, "usage": charge.usage.to_dict()}
 
-    def _count(self, charge: Charge, model: str, label: str | None, counts: dict[str, Any]) -> None:
+    def _count(
+        self, charge: Charge, model: str, label: str | None, counts: dict[str, Any], how: str
+    ) -> None:
         tokens_in = int(counts.get("input_tokens", 0))
         tokens_out = int(counts.get("output_tokens", 0))
         if not charge.replayed:
-            self._add(model, label, 1, tokens_in, tokens_out, charge.usd)
+            self._add(model, label, 1, tokens_in, tokens_out, charge.usd, how)
         for alert in charge.alerts:
             self.events.budget_alert(alert)
 
     def _add(
-        self, model: str, label: str | None, calls: int, tin: int, tout: int, usd: Decimal
+        self,
+        model: str,
+        label: str | None,
+        calls: int,
+        tin: int,
+        tout: int,
+        usd: Decimal,
+        how: str,
     ) -> None:
         u = self.totals
         u.api_calls += calls
@@ -145,7 +161,10 @@ class RunBackend:
             for field, add in (("calls", calls), ("input_tokens", tin), ("output_tokens", tout)):
                 row[field] = _int(row[field]) + add
             row["usd"] = _dec(row["usd"]) + usd
-        self.events.usage_changed()
+        self.events.usage_changed(
+            {"how": how, "model": model, "label": label, "calls": calls,
+             "input_tokens": tin, "output_tokens": tout, "usd": usd}
+        )  # fmt: skip
 
     def release(self, reservation: str) -> dict[str, Any]:
         self._calls.pop(reservation, None)
@@ -162,7 +181,7 @@ class RunBackend:
         settled = []
         for s in self.ledger.settle_open():
             self._calls.pop(s.hold_id, None)
-            self._add(s.model, s.label, 1, s.tokens, 0, s.usd)
+            self._add(s.model, s.label, 1, s.tokens, 0, s.usd, "unsettled")
             settled.append(
                 {
                     "reservation": s.hold_id,

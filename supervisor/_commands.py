@@ -55,7 +55,9 @@ def check(policies: tuple[str, ...], overrides: tuple[str, ...], quiet: bool) ->
 @click.option("--event", "event", help="Only this kind of event (violation, warning, ...).")
 @click.option("--limit", "limit", help="Only events about this limit (wall_time, memory, ...).")
 @click.option("--since", help="Only events since: ISO time, or 30m, 1h, 7d ago.")
+@click.option("--list", "as_list", is_flag=True, help="One line per event, not the summary.")
 @click.option("--json", "as_json", is_flag=True, help="The matching events as JSON Lines.")
+@click.option("--follow", "-f", is_flag=True, help="Print events as they are written.")
 def audit(
     logs: tuple[str, ...],
     verify: bool,
@@ -64,39 +66,63 @@ def audit(
     event: str | None,
     limit: str | None,
     since: str | None,
+    as_list: bool,
     as_json: bool,
+    follow: bool,
 ) -> None:
-    """Read, filter and verify the audit log (default: the user's log)."""
+    """Summarize, list, follow and verify the audit log (default: the user's log).
+
+    One LOG stands for its rotated files too (LOG.1, LOG.2, ... then LOG); several LOGs are
+    read in the order given. By default, a table per agent: runs, runs stopped, violations
+    by limit, warnings, denials, LLM calls and spend.
+    """
+    from . import _audit_view
     from . import audit as _audit
 
-    paths = list(logs) or [str(_audit.default_audit_path())]
+    path = logs[0] if logs else str(_audit.default_audit_path())
+    paths = _audit.log_files(path) if len(logs) <= 1 else list(logs)
     try:
         if verify:
+            if follow:
+                raise click.UsageError("--verify reads the log once; drop --follow")
             report = _audit.verify(paths)
-            if report.ok:
-                click.echo(f"supervise: {', '.join(paths)}: {report}")
-                return
-            click.echo(f"supervise: {report}", err=True)
-            sys.exit(1)
-        when = _audit.parse_since(since) if since else None
-        events = _audit.filter_events(
-            _audit.read_events(paths),
-            agent=agent,
-            session=session,
-            event=event,
-            limit=limit,
-            since=when,
-        )
-        for record in events:
             if as_json:
-                click.echo(json.dumps(record, sort_keys=True, separators=(",", ":")))
+                click.echo(json.dumps(report.to_dict(), sort_keys=True))
+            elif report.ok:
+                click.echo(f"supervise: {', '.join(paths)}: {report}")
             else:
-                click.echo(_audit.format_event(record))
+                click.echo(f"supervise: {report}", err=True)
+            sys.exit(0 if report.ok else 1)
+        when = _audit.parse_since(since) if since else None
+        filters = {"agent": agent, "session": session, "event": event, "limit": limit}
+        if follow:
+            if len(logs) > 1:
+                raise click.UsageError("--follow follows one log (with its rotations)")
+            live = _audit_view.follow(path, replay=when is not None)
+            for record in _audit.filter_events(live, **filters, since=when):
+                _show_event(record, as_json)
+            return
+        events = _audit.filter_events(_audit.read_events(paths), **filters, since=when)
+        if as_json or as_list:
+            for record in events:
+                _show_event(record, as_json)
+            return
+        click.echo(_audit_view.format_summary(_audit_view.summarize(events)))
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     except AuditError as e:
         click.echo(f"supervise: {e}", err=True)
         sys.exit(125)
+
+
+def _show_event(record: dict[str, Any], as_json: bool) -> None:
+    from .audit import format_event
+
+    if as_json:
+        click.echo(json.dumps(record, sort_keys=True, separators=(",", ":")))
+    else:
+        click.echo(format_event(record))
+    sys.stdout.flush()
 
 
 @cli.command()

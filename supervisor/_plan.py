@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     from .policy import Policy
 
-_FORMAT = 2  # bump when the shape of Policy.to_dict() changes
+_FORMAT = 3  # bump when the shape of Policy.to_dict() changes
 
 
 class RunPlan:
@@ -30,6 +30,8 @@ class RunPlan:
     __slots__ = (
         "agent",
         "audit",
+        "audit_keep",
+        "audit_max_size",
         "budget",
         "env_inherit",
         "env_set",
@@ -54,7 +56,10 @@ class RunPlan:
         env = data.get("env") or {}
         self.env_inherit: bool | list[str] = env.get("inherit", True)
         self.env_set: dict[str, str] = dict(env.get("set") or {})
-        self.audit: str | None = data.get("audit")
+        audit = data.get("audit") or {}
+        self.audit: str | None = audit.get("path")
+        self.audit_max_size: int | None = audit.get("max_size")
+        self.audit_keep: int | None = audit.get("keep")
         self.workspace: dict[str, Any] | None = data.get("workspace")
         self.network: str = data.get("network", "allow")
         self.budget: dict[str, Any] | None = data.get("budget")

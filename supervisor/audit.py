@@ -10,6 +10,12 @@ Several processes may append to one file at once: each append takes ``flock(LOCK
 finds the last complete line (from a cache, or by reading only the tail of the file), and
 writes its line with one ``write`` on an ``O_APPEND`` descriptor, then ``fsync``.
 
+Rotation is by size: the writer whose line takes the file to ``max_size`` renames it, under
+the lock, to the next free number (``audit.jsonl.1``, ``.2``, ...: a rotated file never
+changes name again) and leaves an empty ``audit.jsonl``. The first line of the new file
+has ``seq`` 0 and ``prev`` the last hash of the file it rotated from, so the chain runs
+across every file. ``log_files`` lists a log's files oldest first.
+
 This module is imported on every run: stdlib only, and nothing the run path does not already
 load (no dataclasses, pathlib, datetime or threading; measured with ``python -X importtime``).
 """
@@ -40,7 +46,7 @@ if TYPE_CHECKING:  # imported where used: supervisor.py imports this module on e
 
 __all__ = [
     "EVENTS", "KEYS", "AuditLog", "VerifyReport", "default_audit_path", "filter_events",
-    "format_event", "parse_since", "read_events", "verify",
+    "format_event", "log_files", "parse_since", "read_events", "verify",
 ]  # fmt: skip
 
 EVENTS = (
@@ -143,6 +149,51 @@ def _last_record(fd: int, size: int) -> tuple[int, str, bool]:
     return -1, ZERO_HASH, torn
 
 
+def _rotated(path: str) -> list[tuple[int, str]]:
+    """(number, path) of each rotated file of ``path`` (``path.1``, ``path.2``...), in order."""
+    parent, base = os.path.split(path)
+    prefix = base + "."
+    try:
+        names = os.listdir(parent or ".")
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        suffix = name[len(prefix) :]
+        if name.startswith(prefix) and suffix.isdigit() and suffix.isascii():
+            found.append((int(suffix), os.path.join(parent, name)))
+    return sorted(found)
+
+
+def log_files(path: PathArg) -> list[str]:
+    """The files of one log, oldest first: its rotated files by number, then ``path``.
+
+    ``path`` is listed even when it does not exist and nothing was rotated from it (a
+    reader then says there is no log); an absent ``path`` after a rotation is left out.
+    """
+    path = os.fspath(path)
+    files = [name for _, name in _rotated(path)]
+    if os.path.lexists(path) or not files:
+        files.append(path)
+    return files
+
+
+def _rotated_tail(path: str) -> tuple[int, str]:
+    """(-1, last hash) of the newest rotated file of ``path``: where a new file's chain starts."""
+    for _, name in reversed(_rotated(path)):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            _, digest, _ = _last_record(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        if digest != ZERO_HASH:
+            return -1, digest
+    return -1, ZERO_HASH
+
+
 def _now() -> str:
     """UTC ISO-8601 with microseconds and ``Z``, without importing datetime."""
     seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
@@ -164,11 +215,19 @@ class AuditLog:
 
     The file is opened (and created, 0o600, parents 0o700) at construction, so an unwritable
     path fails before anything runs. The descriptor stays open between appends; if the path
-    is rotated away or deleted, the next append reopens it.
+    is rotated away or deleted, the next append reopens it. With ``max_size``, the append
+    that takes the file to that size rotates it; ``keep`` rotated files are kept (None: all).
     """
 
-    def __init__(self, path: PathArg) -> None:
+    def __init__(
+        self, path: PathArg, *, max_size: int | None = None, keep: int | None = None
+    ) -> None:
         self.path = os.fspath(path)
+        if max_size is not None and max_size <= 0:
+            raise ValueError(f"max_size must be more than 0, got {max_size}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be at least 1 (None keeps every file), got {keep}")
+        self.max_size, self.keep = max_size, keep
         self._lock = _thread.allocate_lock()  # flock does not exclude threads sharing an fd
         self._fd: int | None = None
         self._closed = False
@@ -246,6 +305,8 @@ class AuditLog:
                     return self._append_locked(fd, fields)
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
+                    if self._fd is None:  # rotated away: the next append opens the new file
+                        os.close(fd)
             except OSError as exc:
                 self._cache = None
                 raise _write_error(self.path, exc) from exc
@@ -255,6 +316,8 @@ class AuditLog:
         cache = self._cache
         if cache is not None and cache[:2] == (st.st_ino, st.st_size):
             seq, prev, torn = cache[2], cache[3], False
+        elif st.st_size == 0:  # a new file: the chain goes on from the file rotated before it
+            (seq, prev), torn = _rotated_tail(self.path), False
         else:
             seq, prev, torn = _last_record(fd, st.st_size)
         record: dict[str, Any] = {"ts": _now(), "seq": seq + 1, **fields, "prev": prev}
@@ -269,8 +332,35 @@ class AuditLog:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             view = view[written:]
         os.fsync(fd)
-        self._cache = (st.st_ino, st.st_size + len(data), record["seq"], record["hash"])
+        size = st.st_size + len(data)
+        self._cache = (st.st_ino, size, record["seq"], record["hash"])
+        if self.max_size is not None and size >= self.max_size:
+            self._rotate()
         return record
+
+    def _rotate(self) -> None:
+        """Rename the full file (whose lock we hold) to the next number; leave an empty one.
+
+        Writers waiting for the lock find the path's inode changed and reopen it; the first
+        append to the new file chains from this one's last line (``_rotated_tail``).
+        """
+        rotated = _rotated(self.path)
+        number = rotated[-1][0] + 1 if rotated else 1
+        os.rename(self.path, f"{self.path}.{number}")
+        self._fd, self._cache = None, None  # append() closes the old descriptor after unlock
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        parent = os.path.dirname(self.path) or "."
+        if self.keep is not None:
+            for _, name in rotated[: max(0, len(rotated) + 1 - self.keep)]:
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
+        dfd = os.open(parent, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)  # the renames survive a crash, like the lines
+        finally:
+            os.close(dfd)
 
     def close(self) -> None:
         """Close the file; further appends raise ValueError."""
@@ -336,16 +426,20 @@ def read_events(paths: Paths, *, strict: bool = True) -> Iterator[dict[str, Any]
 class VerifyReport:
     """The outcome of ``verify``: ok, or the first bad line (1-based) and what is wrong.
 
+    ``continues`` is the ``prev`` of the first line when the files given start in the middle
+    of a chain (the files rotated before them were not given, or were deleted by ``keep``).
     Immutable like a frozen dataclass, without importing dataclasses (inspect, ast: ~9 ms)
     on every run. ``to_dict()`` is the JSON shape.
     """
 
-    __slots__ = ("count", "line", "ok", "path", "problem")
+    __slots__ = ("continues", "count", "line", "ok", "path", "problem")
+    _FIELDS = ("ok", "count", "path", "line", "problem", "continues")
     ok: bool
     count: int
     path: str | None
     line: int | None
     problem: str | None
+    continues: str | None
 
     def __init__(
         self,
@@ -354,16 +448,17 @@ class VerifyReport:
         path: str | None = None,
         line: int | None = None,
         problem: str | None = None,
+        continues: str | None = None,
     ) -> None:
-        values = {"ok": ok, "count": count, "path": path, "line": line, "problem": problem}
-        for name, value in values.items():
+        values = (ok, count, path, line, problem, continues)
+        for name, value in zip(self._FIELDS, values, strict=True):
             object.__setattr__(self, name, value)  # the class is frozen: see __setattr__
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"VerifyReport is immutable: cannot set {name}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("ok", "count", "path", "line", "problem")}
+        return {k: getattr(self, k) for k in self._FIELDS}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, VerifyReport) and self.to_dict() == other.to_dict()
@@ -375,6 +470,11 @@ class VerifyReport:
         return f"VerifyReport({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
     def __str__(self) -> str:
+        if self.ok and self.continues:
+            return (
+                f"ok: {self.count} records, chain intact (it goes on from a rotated file not "
+                f"read, whose last hash is {self.continues[:16]}...)"
+            )
         if self.ok:
             return f"ok: {self.count} records, chain intact"
         return f"{self.path}: {self.problem}"
@@ -414,7 +514,9 @@ def _chain_problem(
         if record["seq"] != seq + 1:
             return f"line {n} has seq {record['seq']} after seq {seq}: {_MOVED}"
     elif prev_file is None:
-        if record["prev"] != ZERO_HASH or record["seq"] != 0:
+        # A file may start with the hash of one rotated before it (not given, or deleted by
+        # keep), but always with seq 0: lines removed from its start are found.
+        if record["seq"] != 0:
             return "line 1 does not start a chain: lines were removed from the start"
     elif record["prev"] != prev or record["seq"] not in (0, seq + 1):
         return f"line 1 does not follow the end of {prev_file}: a file is missing or out of order"
@@ -427,7 +529,7 @@ def verify(paths: Paths) -> VerifyReport:
     A later file in ``paths`` must chain from the previous file's last hash; its seq may
     restart at 0 (seq counts per file) or continue from the previous file.
     """
-    count, prev, seq, prev_file = 0, ZERO_HASH, -1, None
+    count, prev, seq, prev_file, continues = 0, ZERO_HASH, -1, None, None
     for path in _paths(paths):
         for n, raw in _lines(path):
             record, problem = _check_line(n, raw)
@@ -435,9 +537,11 @@ def verify(paths: Paths) -> VerifyReport:
                 problem = _chain_problem(n, record, prev, seq, prev_file)
             if record is None or problem is not None:
                 return VerifyReport(False, count, path, n, problem)
+            if count == 0 and record["prev"] != ZERO_HASH:
+                continues = record["prev"]
             count, prev, seq = count + 1, record["hash"], record["seq"]
         prev_file = path
-    return VerifyReport(True, count)
+    return VerifyReport(True, count, continues=continues)
 
 
 def parse_since(text: str, *, now: datetime | None = None) -> datetime:

@@ -32,7 +32,7 @@ from supervisor._units import compact_duration, compact_size, parse_duration, pa
 from supervisor.budget._policy import BudgetPolicy, RateLimits, ScopeLimits
 from supervisor.errors import PolicyError
 
-__all__ = ["EnvPolicy", "Limits", "Policy", "WorkspacePolicy"]
+__all__ = ["AuditPolicy", "EnvPolicy", "Limits", "Policy", "WorkspacePolicy"]
 
 _Loc = tuple[str | int, ...]
 
@@ -174,6 +174,23 @@ class EnvPolicy(_Model):
     set: Annotated[dict[str, str], BeforeValidator(_env_set)] = Field(default_factory=dict)
 
 
+def _audit(value: object) -> object:
+    """``audit: PATH`` is short for ``audit: {path: PATH}``."""
+    if isinstance(value, str):
+        if not value.strip() or "\0" in value:
+            raise ValueError(f"{show(value)} is not a path (null: the default audit log)")
+        return {"path": value}
+    return value
+
+
+class AuditPolicy(_Model):
+    """Where the audit log goes, and when it rotates (None = the default path, no rotation)."""
+
+    path: Annotated[str | None, BeforeValidator(_workspace_path)] = None
+    max_size: Size = None  # rotate the file when a line takes it to this size
+    keep: Annotated[int | None, _limit(_parse_count, 0, "keep at least 1 rotated file")] = None
+
+
 class Policy(_Model):
     """A validated policy. Build one with ``load``, ``from_yaml``, ``from_dict`` or ``default``."""
 
@@ -187,7 +204,7 @@ class Policy(_Model):
     grace: Annotated[float, BeforeValidator(parse_duration)] = 2.0
     env: EnvPolicy = Field(default_factory=EnvPolicy)
     budget: BudgetPolicy | None = None
-    audit: str | None = None
+    audit: Annotated[AuditPolicy | None, BeforeValidator(_audit)] = None
 
     _source: str = PrivateAttr(default="<dict>")
     _source_text: str | None = PrivateAttr(default=None)
@@ -393,6 +410,9 @@ class Policy(_Model):
         for key in ("quota", "max_file_size"):
             if workspace.get(key) is not None:
                 workspace[key] = compact_size(workspace[key])
+        audit = data.get("audit") or {}
+        if audit.get("max_size") is not None:
+            audit["max_size"] = compact_size(audit["max_size"])
         data["grace"] = compact_duration(data["grace"])
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
@@ -405,6 +425,7 @@ _SECTIONS: dict[_Loc, type[BaseModel]] = {
     ("budget",): BudgetPolicy,
     **{("budget", scope): ScopeLimits for scope in ("run", "session", "daily", "monthly")},
     ("budget", "rate"): RateLimits,
+    ("audit",): AuditPolicy,
 }
 # Mappings whose keys are names, not schema: everything after the prefix is one name
 # (variable and model names may contain dots).

@@ -17,6 +17,7 @@ import sys
 import time
 
 from ._confine import Confinement
+from ._hooks import HookRunner
 from ._plan import RunPlan
 from .errors import SupervisorError
 from .result import UNITS, RunResult, Usage, Violation, format_limit, iso_time
@@ -93,6 +94,7 @@ class Supervisor:
         on_warning: Callable[[dict[str, Any]], object] | None = None,
         on_violation: Callable[[Violation], object] | None = None,
         on_end: Callable[[RunResult], object] | None = None,
+        on_usage: Callable[[dict[str, Any]], object] | None = None,
         audit: str | os.PathLike[str] | None = None,
     ) -> None:
         if policy is None:
@@ -103,6 +105,7 @@ class Supervisor:
         self.on_warning = on_warning
         self.on_violation = on_violation
         self.on_end = on_end
+        self.on_usage = on_usage
         self.audit_path = os.fspath(audit) if audit is not None else None
 
     def start(
@@ -183,6 +186,7 @@ class Run:
         self.rpc: RpcServer | None = None
         self.backend: RunBackend | None = None
         self._rlimits: list[str] = []
+        self.hooks = HookRunner(self._hook_failed)
 
     # -- the public controls -------------------------------------------------------
 
@@ -337,15 +341,34 @@ class Run:
         )
         self._alert(alert.limit, used, value, fractions=(alert.threshold,), scope=alert.scope)
 
-    def usage_changed(self) -> None:
-        pass  # the on_usage hook comes with the audit and reports issue
+    def usage_changed(self, call: dict[str, Any]) -> None:
+        """A call was settled: ``on_usage`` gets it with the run's running totals."""
+        if self.sup.on_usage is None:
+            return
+        u = self.result.usage
+        totals = {
+            "api_calls": u.api_calls,
+            "input_tokens": u.input_tokens,
+            "output_tokens": u.output_tokens,
+            "usd": u.usd,
+        }
+        event = {"run_id": self.result.run_id, "agent": self.result.agent, **call}
+        self.hooks.call("on_usage", self.sup.on_usage, {**event, "totals": totals})
+
+    def _hook_failed(self, name: str, error: BaseException) -> None:
+        """A hook raised: say so on stderr and in the audit log; enforcement goes on."""
+        message = f"the {name} hook raised {type(error).__name__}: {error}"
+        print(f"supervise: {message}", file=sys.stderr)
+        if self.audit is not None:
+            self._log("warning", action="hook_failed", detail=message)
 
     def _open_audit(self) -> AuditLog:
         from .audit import AuditLog, default_audit_file
 
-        path = self.sup.audit_path or self.plan.audit
+        plan = self.plan
+        path = self.sup.audit_path or plan.audit
         path = os.path.expanduser(path) if path else default_audit_file()
-        return AuditLog(path)
+        return AuditLog(path, max_size=plan.audit_max_size, keep=plan.audit_keep)
 
     def _start_detail(self) -> dict[str, Any]:
         plan = self.plan
@@ -579,7 +602,7 @@ class Run:
                 action="alert",
                 detail=message,
             )
-            _call_hook(self.sup.on_warning, warning)
+            self.hooks.call("on_warning", self.sup.on_warning, warning)
 
     def _on_wake(self) -> None:
         try:
@@ -704,9 +727,10 @@ class Run:
             action="kill" if kill else "warn",
             detail=message,
         )
-        _call_hook(self.sup.on_violation, violation)
         if kill:
             self._stop(sweep=False)
+        # After the stop has begun: the hook runs on the hook thread and cannot delay it.
+        self.hooks.call("on_violation", self.sup.on_violation, violation)
 
     def _stop(self, *, sweep: bool) -> None:
         """SIGTERM the whole tree, SIGKILL after grace (at once when grace is 0)."""
@@ -876,23 +900,30 @@ class Run:
         return res
 
     def _end(self, res: RunResult) -> None:
+        """Every hook has run (``on_end`` last), then the ``run_end`` line closes the run."""
+        self.hooks.drain()
+        self.hooks.call_now("on_end", self.sup.on_end, res)
         if self.audit is not None:
+            detail: dict[str, Any] = {
+                "exit_code": res.exit_code,
+                "returncode": res.returncode,
+                "wall_time": round(res.usage.wall_time, 6),
+                "cpu_time": res.usage.cpu_time,
+                "violation": None if res.violation is None else res.violation.limit,
+            }
+            if self.backend is not None and self.backend.ledger is not None:
+                u = res.usage
+                detail["usage"] = {
+                    "api_calls": u.api_calls,
+                    "input_tokens": u.input_tokens,
+                    "output_tokens": u.output_tokens,
+                    "usd": f"{u.usd:f}",  # exact, as text: JSON numbers are floats to most readers
+                }
             try:
-                self._log(
-                    "run_end",
-                    action=res.status,
-                    detail={
-                        "exit_code": res.exit_code,
-                        "returncode": res.returncode,
-                        "wall_time": round(res.usage.wall_time, 6),
-                        "cpu_time": res.usage.cpu_time,
-                        "violation": None if res.violation is None else res.violation.limit,
-                    },
-                )
+                self._log("run_end", action=res.status, detail=detail)
             except SupervisorError as e:
                 res.error = res.error or str(e)
             self.audit.close()
-        _call_hook(self.sup.on_end, res)
 
     def _log(self, event: str, **fields: Any) -> None:
         if self.audit is None:

@@ -229,10 +229,12 @@ def test_verify_report_is_a_frozen_value() -> None:
     same = audit.VerifyReport(False, 2, "a.jsonl", 3, "line 3 was edited")
     assert report == same and hash(report) == hash(same) and report != audit.VerifyReport(True, 2)
     assert repr(report) == (
-        "VerifyReport(ok=False, count=2, path='a.jsonl', line=3, problem='line 3 was edited')"
+        "VerifyReport(ok=False, count=2, path='a.jsonl', line=3, problem='line 3 was edited',"
+        " continues=None)"
     )
     assert report.to_dict() == {
-        "ok": False, "count": 2, "path": "a.jsonl", "line": 3, "problem": "line 3 was edited"
+        "ok": False, "count": 2, "path": "a.jsonl", "line": 3, "problem": "line 3 was edited",
+        "continues": None,
     }  # fmt: skip
     assert str(report) == "a.jsonl: line 3 was edited"
     with pytest.raises(AttributeError):
@@ -256,9 +258,9 @@ def test_verify_follows_a_rotated_file(tmp_path: Path) -> None:
     second = seal({**first, "seq": 1, "prev": first["hash"]})
     write_lines(new, [first, second])
     assert verify([old, new]) == audit.VerifyReport(True, 5)
-    report = verify([new, old])
-    assert (report.path, report.line) == (str(new), 1)
-    assert report.problem is not None and report.problem.startswith("line 1 does not start")
+    report = verify([new, old])  # new goes on from a file not given first; old cannot follow
+    assert (report.path, report.line) == (str(old), 1)
+    assert report.problem is not None and "does not follow the end of" in report.problem
     report = verify([old, old])
     assert (report.path, report.line) == (str(old), 1)
     assert report.problem is not None and "does not follow the end of" in report.problem
@@ -397,11 +399,20 @@ def test_tail_scan_spans_long_lines(log_path: Path) -> None:
 
 
 def test_rotated_path_is_reopened(log_path: Path) -> None:
-    """When the file is renamed away, the next append goes to a new file at the path."""
+    """When the file is renamed away (logrotate's way), the next append goes to a new file at
+    the path, chained from the renamed one; a renamed-away file without a number starts afresh."""
     with AuditLog(log_path) as log:
-        log.append("run_start", run_id="r1")
+        first = log.append("run_start", run_id="r1")
         log_path.rename(log_path.with_suffix(".jsonl.1"))
         record = log.append("run_end", run_id="r1")
+        assert (record["seq"], record["prev"]) == (0, first["hash"])
+        assert verify(log_path.with_suffix(".jsonl.1")).ok
+        assert verify([log_path.with_suffix(".jsonl.1"), log_path]) == audit.VerifyReport(True, 2)
+        report = verify(log_path)  # alone: it goes on from a file not given
+        assert report.ok and report.continues == first["hash"]
+        for path in (log_path, log_path.with_suffix(".jsonl.1")):
+            path.rename(path.with_suffix(".old"))
+        record = log.append("run_end", run_id="r2")
     assert (record["seq"], record["prev"]) == (0, ZERO)
     assert verify(log_path) == audit.VerifyReport(True, 1)
 

@@ -23,7 +23,7 @@ from supervisor._units import (
     parse_size,
 )
 from supervisor.errors import PolicyError, SupervisorError
-from supervisor.policy import EnvPolicy, Limits, Policy
+from supervisor.policy import AuditPolicy, EnvPolicy, Limits, Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = sorted((ROOT / "policies").glob("*.yaml"))
@@ -477,7 +477,21 @@ BAD = [
     ("grace: -1s\n", 'policy.yaml:2 grace: "-1s" is negative (durations cannot be)'),
     ("grace: null\n", "policy.yaml:2 grace: null is not a duration (try 30s, 5m)"),
     ("name: [a]\n", "policy.yaml:2 name: expected text, got ['a']"),
-    ("audit: {path: x}\n", "policy.yaml:2 audit: expected text, got {'path': 'x'}"),
+    (
+        "audit: [x]\n",
+        "policy.yaml:2 audit: expected a mapping (indented KEY: VALUE lines), got ['x']",
+    ),
+    (
+        "audit: {max_size: 0}\n",
+        "policy.yaml:2 audit.max_size: 0 is too small (a limit must be more than 0;"
+        " null means no limit)",
+    ),
+    (
+        "audit: {keep: 0}\n",
+        "policy.yaml:2 audit.keep: 0 is too small (keep at least 1 rotated file;"
+        " null means no limit)",
+    ),
+    ("audit: ''\n", 'policy.yaml:2 audit: "" is not a path (null: the default audit log)'),
     (
         "env:\n  inherit: PATH\n",
         "policy.yaml:3 env.inherit: expected true, false or a list of variable names, got"
@@ -763,6 +777,7 @@ def test_to_yaml_uses_units_and_round_trips() -> None:
             "audit": "~/audit.jsonl",
         }
     )
+    assert odd.audit == AuditPolicy(path="~/audit.jsonl")
     again = Policy.from_yaml(odd.to_yaml())
     assert again == odd
     assert again.env.set == {"A": "yes", "B": "0755", "C": "", "D": "null"}
