@@ -1,4 +1,4 @@
-"""The subcommands of ``supervise`` (click): check, audit, doctor, budget and models.
+"""The subcommands of ``supervise`` (click): check, audit, report, doctor, budget and models.
 
 Imported only when a subcommand is named, so runs never pay for click.
 """
@@ -123,6 +123,66 @@ def _show_event(record: dict[str, Any], as_json: bool) -> None:
     else:
         click.echo(format_event(record))
     sys.stdout.flush()
+
+
+@cli.command()
+@click.option("--since", help="Only spend since: ISO time, or 30m, 1h, 7d ago.")
+@click.option("--agent", help="Only this agent's spend.")
+@click.option(
+    "--by",
+    "dimensions",
+    multiple=True,
+    type=click.Choice(["agent", "model", "label", "session", "run", "day"]),
+    help="A table by this (repeatable; default: agent, model and label).",
+)
+@click.option("--store", "store_url", metavar="URL", help="sqlite:///PATH or redis://HOST:PORT/DB.")
+@click.option("--policy", "-p", "policy_path", metavar="FILE", help="The store from this policy.")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+@click.option("--html", "html_path", metavar="FILE", help="Also write a page with the chart.")
+@click.option("--png", "png_path", metavar="FILE", help="Also write the chart as a PNG.")
+def report(
+    since: str | None,
+    agent: str | None,
+    dimensions: tuple[str, ...],
+    store_url: str | None,
+    policy_path: str | None,
+    as_json: bool,
+    html_path: str | None,
+    png_path: str | None,
+) -> None:
+    """What LLM calls cost, from the budget ledger: by agent, model and label (hand-off
+    step), session, run or day, each with its share of the total; then spend per day per
+    agent as a chart."""
+    from ._budget_commands import _budget_of, _store_of
+    from .audit import parse_since
+    from .report import costs, render_text, to_json
+
+    try:
+        floor = parse_since(since).timestamp() if since else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    by = list(dimensions) or ["agent", "model", "label"]
+    limits, _ = _budget_of(policy_path)
+    store = _store_of(store_url, limits)
+    try:
+        charges = costs(store, agent=agent, since=floor)
+    finally:
+        store.close()
+    if html_path or png_path:
+        from ._chart import write_html, write_png
+
+        if png_path:
+            write_png(png_path, charges)
+        if html_path:
+            write_html(html_path, charges, by, f"LLM spend · {store.url}")
+    if as_json:
+        click.echo(json.dumps({"store": store.url, **to_json(charges, by)}))
+        return
+    click.echo(f"LLM spend · store {store.url}" + (f" · since {since}" if since else ""))
+    click.echo(render_text(charges, by))
+    for path in (html_path, png_path):
+        if path:
+            click.echo(f"supervise: wrote {path}", err=True)
 
 
 @cli.command()

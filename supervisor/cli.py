@@ -2,8 +2,8 @@
 
 ``supervise [options] [--] COMMAND...`` is parsed by hand: click, pydantic and yaml cost
 ~9x a bare ``python -c pass`` to import, and a supervisor that wraps every tool call must
-start fast.  The subcommands (``check``, ``audit``, ``budget``, ``models``, ``doctor``) go
-through click.
+start fast.  The subcommands (``check``, ``audit``, ``report``, ``budget``, ``models``,
+``doctor``) go through click.
 Errors map to exit statuses here: 125 supervise's own, 126/127 the command's.
 """
 
@@ -21,16 +21,16 @@ if TYPE_CHECKING:
     from ._plan import RunPlan
     from .result import RunResult
 
-SUBCOMMANDS = ("run", "check", "audit", "doctor", "budget", "models")
-# SPEC's subcommands whose features have not landed: refused by name, never run as programs.
-PLANNED = {"report": "reports"}
+SUBCOMMANDS = ("run", "check", "audit", "report", "doctor", "budget", "models")
 
 USAGE = """\
 Usage: supervise [OPTIONS] [--] COMMAND [ARGS]...
        supervise run [OPTIONS] [--] COMMAND [ARGS]...
        supervise check POLICY...
        supervise audit [LOG]... [--verify] [--agent ID] [--session ID] [--event KIND]
-                       [--limit NAME] [--since WHEN] [--json]
+                       [--limit NAME] [--since WHEN] [--list] [--json] [--follow]
+       supervise report [--since WHEN] [--agent ID] [--by agent|model|label|session|run|day]
+                        [--store URL] [--json] [--html FILE] [--png FILE]
        supervise budget status [--agent ID] [--session ID] [--store URL] [--policy FILE] [--json]
        supervise budget reset --agent ID [--period run|session|daily|monthly] [--store URL]
        supervise models [PATTERN] [--policy FILE] [--json]
@@ -131,9 +131,6 @@ def run_cli(args: list[str]) -> int:
         from ._commands import commands
 
         return commands(args)
-    if args and args[0] in PLANNED:
-        _err(f"{args[0]}: {PLANNED[args[0]]} are not supported yet by this version")
-        return 125
     if args and args[0] == "run":
         args = args[1:]
     try:

@@ -62,8 +62,10 @@ def test_subcommand_usage_error_exits_125() -> None:
     assert done.returncode == 125 and "--bogus" in done.stderr
 
 
-def test_planned_subcommands_are_refused_not_run() -> None:
-    """report is a named subcommand not built yet: 125, never a program."""
-    for name in ("report",):
-        done = supervise(name)
-        assert done.returncode == 125 and "not supported yet" in done.stderr
+def test_report_is_a_subcommand_not_a_program() -> None:
+    """report runs the subcommand (an empty ledger says so), never a program named report;
+    -- report runs the program."""
+    done = supervise("report")
+    assert done.returncode == 0 and "no LLM spend" in done.stdout
+    done = supervise("--quiet", "--", "report")
+    assert done.returncode == 127

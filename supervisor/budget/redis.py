@@ -362,6 +362,10 @@ def _tag(agent: str) -> str:
     return agent.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
+def _untag(tag: str) -> str:
+    return tag.replace("%7D", "}").replace("%7B", "{").replace("%25", "%")
+
+
 class RedisStore:
     """A ledger store on a Redis server (or Cluster: one slot per agent)."""
 
@@ -483,8 +487,18 @@ class RedisStore:
             for i in range(0, len(out), 4)
         ]  # fmt: skip
 
-    def events(self, agent: str) -> list[dict[str, Any]]:
-        """The agent's history, oldest first."""
+    def agents(self) -> list[str]:
+        """Every agent with a history in this database (a SCAN: for reports, not runs)."""
+        try:
+            keys = list(self._client.scan_iter(match="sv:{*}:events", count=1000))
+        except self._errors as error:
+            raise StoreUnavailable(self.url, str(error) or type(error).__name__) from None
+        return sorted({_untag(_text(key)[4:-8]) for key in keys})
+
+    def events(self, agent: str | None = None) -> list[dict[str, Any]]:
+        """The history of one agent (or of every agent, one after the other), oldest first."""
+        if agent is None:
+            return [event for name in self.agents() for event in self.events(name)]
         try:
             entries = self._client.xrange(f"sv:{{{_tag(agent)}}}:events")
         except self._errors as error:
