@@ -2,7 +2,10 @@
 
 With ``--stuck`` it loops forever after planning, the way a real agent does when a tool
 keeps failing; supervise's wall clock stops it.  With ``--greedy`` it tries to write
-outside its workspace, then writes files until its storage quota stops it.
+outside its workspace, then writes files until its storage quota stops it.  With
+``--spend`` it hands a task from step to step (plan, research, write, review), asking the
+supervisor for LLM budget before each (simulated) call and reporting what it used, until
+the run's budget says no.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main() -> int:
         print(f"agent: wrote notes to {notes.name}")
     if "--greedy" in sys.argv:
         greedy()
+    if "--spend" in sys.argv:
+        spend()
     attempt = 0
     while stuck:
         attempt += 1
@@ -52,6 +57,27 @@ def greedy() -> None:
             f.write(os.urandom(1 << 20))
         print(f"agent: wrote data-{i}.bin", flush=True)
         time.sleep(0.05)
+
+
+# (step, input tokens, output tokens) of one hand-off round; the model is priced by the policy.
+STEPS = [("plan", 1200, 400), ("research", 6000, 900), ("write", 3000, 2500), ("review", 3500, 300)]
+
+
+def spend() -> None:
+    from supervisor import client
+
+    budget = client.connect()
+    for round_ in range(1, 100):
+        for step, tokens_in, tokens_out in STEPS:
+            try:
+                with budget.reserve(
+                    "demo-model", input_tokens=tokens_in, max_output_tokens=tokens_out, label=step
+                ) as call:
+                    call.commit(input_tokens=tokens_in, output_tokens=tokens_out)
+            except client.BudgetExceeded as e:
+                print(f"agent: round {round_}, {step}: no budget left ({e})")
+                return
+        print(f"agent: round {round_} done", flush=True)
 
 
 if __name__ == "__main__":
