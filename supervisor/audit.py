@@ -497,9 +497,15 @@ def _check_line(n: int, raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
     seq, prev, digest = record["seq"], record["prev"], record["hash"]
     if type(seq) is not int or not isinstance(prev, str) or not isinstance(digest, str):
         return None, f"line {n} was edited: its seq, prev or hash has the wrong type"
-    if _hash(record) != digest:
+    # One serialization serves both checks: with sorted keys, the canonical form without
+    # "hash" is the canonical form with its "hash" member cut out (it is never first or last).
+    canon = _canonical(record)
+    member = b',"hash":' + json.dumps(digest).encode()
+    body = canon.replace(member, b"", 1) if canon.count(member) == 1 else None
+    actual = sha256(body).hexdigest() if body is not None else _hash(record)
+    if actual != digest:
         return None, f"line {n} was edited: its hash does not match its content"
-    if _canonical(record) + b"\n" != raw:
+    if canon + b"\n" != raw:
         return None, f"line {n} was edited: it is not in canonical form"
     return record, None
 
