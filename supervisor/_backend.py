@@ -3,8 +3,9 @@
 ``RunBackend`` implements ``_rpc_methods.Backend`` for one run.  It turns the ledger's
 answers into the RPC's dicts and tells the run what happened, through ``RunEvents``:
 a denial (audit ``denied``), spend written past a limit (a violation), an alert fraction
-crossed (a warning, and a notification to the child), and the usage totals
-(``RunResult.usage``: calls, tokens, USD, by model and by label).
+crossed (a warning, and a notification to the child), spend the store failed to write
+(the run stops: fail closed), and the usage totals (``RunResult.usage``: calls, tokens,
+USD, by model and by label).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class RunEvents(Protocol):
     def budget_breached(self, error: BudgetExceeded) -> None: ...
     def budget_alert(self, alert: Alert) -> None: ...
     def usage_changed(self, call: dict[str, Any]) -> None: ...
+    def spend_lost(self, error: StoreUnavailable, call: dict[str, Any]) -> None: ...
 
 
 class RunBackend:
@@ -121,7 +123,11 @@ class RunBackend:
             else:
                 self.events.budget_denied(e)
             raise
-        except (BudgetError, StoreUnavailable) as e:
+        except StoreUnavailable as e:
+            # The call was made, its spend could not be written: not a denial, a loss.
+            self.events.spend_lost(e, {"how": how, "model": model, "label": label, **counts})
+            raise
+        except BudgetError as e:
             self.events.budget_denied(e)
             raise
         self._count(charge, model, label, counts, how)

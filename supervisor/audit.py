@@ -326,12 +326,21 @@ class AuditLog:
         data = (b"\n" if torn else b"") + _canonical(record) + b"\n"
         self._cache = None
         view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            if written == 0:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            view = view[written:]
-        os.fsync(fd)
+        try:
+            while view:
+                written = os.write(fd, view)
+                if written == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[written:]
+            os.fsync(fd)
+        except OSError:
+            # A disk that filled mid-line leaves part of it: take it back (we hold the lock),
+            # so the file still ends with a whole line and verifies.
+            try:
+                os.ftruncate(fd, st.st_size)
+            except OSError:
+                pass
+            raise
         size = st.st_size + len(data)
         self._cache = (st.st_ino, size, record["seq"], record["hash"])
         if self.max_size is not None and size >= self.max_size:

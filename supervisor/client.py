@@ -452,7 +452,7 @@ def _exception(error: object) -> SupervisorError:
     code, message, data = error.get("code"), str(error.get("message", "")), error.get("data")
     info = data if isinstance(data, dict) else {}
     if code == j.BUDGET_EXCEEDED:
-        return BudgetExceeded(
+        exc = BudgetExceeded(
             str(info.get("scope", "")),
             str(info.get("limit", "")),
             _amount(info.get("used")),
@@ -461,6 +461,10 @@ def _exception(error: object) -> SupervisorError:
             key=str(info.get("key") or ""),
             requested=_amount(info.get("requested")),
         )
+        if exc.scope == "store":  # no limit was reached: the ledger could not answer
+            exc.message = f"denied, the budget ledger is unavailable (fail closed): {message}"
+            exc.args = (exc.message,)
+        return exc
     if code == j.RATE_LIMITED:
         return RateLimited(
             str(info.get("limit", "rate")),

@@ -15,6 +15,7 @@ import select
 import signal
 import sys
 import time
+from decimal import Decimal
 
 from ._confine import Confinement
 from ._hooks import HookRunner
@@ -182,6 +183,7 @@ class Run:
         # Called after each tree sample with (usage, current values): --live uses it.
         self.on_sample: Callable[[Usage, dict[str, float]], object] | None = None
         self.error: SupervisorError | None = None
+        self._fail: SupervisorError | None = None  # failed closed mid-run: the run ends 125
         self.confine: Confinement | None = None
         self.rpc: RpcServer | None = None
         self.backend: RunBackend | None = None
@@ -293,6 +295,25 @@ class Run:
                 agent=res.agent or "default",
                 session=res.session,
             )
+            try:
+                recovered = ledger.claim()
+            except BaseException:
+                ledger.close()
+                raise
+            for dead_run, s in recovered:  # holds of a run whose supervisor died (SIGKILL...)
+                assert self.audit is not None
+                self.audit.append(
+                    "unsettled",
+                    run_id=dead_run,
+                    agent=ledger.agent,
+                    limit="usd",
+                    action="charged",
+                    detail={
+                        "reservation": s.hold_id, "usd": float(s.usd), "tokens": s.tokens,
+                        "model": s.model, "label": s.label,
+                        "why": f"its supervisor died; settled by run {res.run_id}",
+                    },
+                )  # fmt: skip
         assert self.confine is not None
         usage = self.result.usage
         self.backend = RunBackend(self, usage, ledger, self.confine.workspace, step_time)
@@ -854,6 +875,10 @@ class Run:
             # A forwarded signal the tree did not obey: it was killed after grace.
             res.status = "signaled"
             res.exit_code = 128 + self._forwarded
+        if self._fail is not None:  # supervise could not go on safely: it stopped the tree
+            res.status, res.exit_code = "failed", self._fail.exit_code
+            res.error = str(self._fail)
+            self.error = self._fail
         self._end(res)
         return res
 
@@ -863,12 +888,17 @@ class Run:
             return
         try:
             settled = self.backend.settle()
-        except SupervisorError as e:  # the store is gone: say so, the holds will expire
+        except SupervisorError as e:  # the store is gone: the next run (or expiry) settles them
             self._log("unsettled", action="failed", detail=str(e))
             return
         for s in settled:
             detail = {k: float(v) if k == "usd" else v for k, v in s.items()}
             self._log("unsettled", action="charged", limit="usd", detail=detail)
+        try:
+            if self.backend.ledger is not None:
+                self.backend.ledger.unclaim()
+        except SupervisorError:
+            pass  # a live-run note left behind: the next run finds this pid gone, settles nothing
 
     def _check_after_exit(self) -> None:
         """The tree's exact CPU total (from the reaper's rusage) against cpu_time, and the
@@ -929,4 +959,26 @@ class Run:
         if self.audit is None:
             return
         res = self.result
-        self.audit.append(event, run_id=res.run_id, agent=res.agent, session=res.session, **fields)
+        try:
+            self.audit.append(
+                event, run_id=res.run_id, agent=res.agent, session=res.session, **fields
+            )
+        except SupervisorError as e:
+            # Nothing may happen that the log cannot record: kill the tree now (fail closed),
+            # wherever the line came from (the loop, the RPC, a hook's thread).
+            if self._fail is None:
+                self._fail = e
+                self._stop_now()
+            raise
+
+    def spend_lost(self, error: SupervisorError, call: dict[str, Any]) -> None:
+        """Spend that happened could not be written to the ledger (the store failed): the
+        call goes to the audit log so it is not lost, and the tree is stopped (fail closed)."""
+        detail = {k: float(v) if isinstance(v, Decimal) else v for k, v in call.items()}
+        self._log("unsettled", action="failed", limit="usd", detail={**detail, "error": str(error)})
+        if self._fail is None:
+            self._fail = SupervisorError(
+                f"spend that happened could not be written to the budget ledger ({error}); "
+                "the command was stopped (fail closed)"
+            )
+            self._stop(sweep=False)

@@ -120,13 +120,13 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a free loopback port, without persistence; ``stop()`` kills it."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         import shutil
 
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed (scripts/test installs it with apt-get)")
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         # Without the test's tag: a server shared by a module must not count as a leftover.
         env = {k: v for k, v in os.environ.items() if k != TAG}
@@ -150,6 +150,11 @@ class RedisServer:
         if not wait_until(up, timeout=10):
             self.stop()
             pytest.fail("redis-server did not start")
+
+    @classmethod
+    def on_port(cls, port: int) -> RedisServer:
+        """A server on this port (to restart one where clients expect it)."""
+        return cls(port)
 
     def flush(self) -> None:
         import socket

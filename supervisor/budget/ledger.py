@@ -45,6 +45,7 @@ __all__ = [
     "default_store_url",
     "new_id",
     "open_store",
+    "owner",
     "status",
 ]
 
@@ -168,6 +169,9 @@ class Store(Protocol):
     def reset(self, op: dict[str, Any]) -> list[dict[str, Any]]: ...
     def time(self) -> float: ...
     def events(self, agent: str | None = None) -> list[dict[str, Any]]: ...
+    def add_run(self, op: dict[str, Any]) -> None: ...
+    def forget_run(self, op: dict[str, Any]) -> None: ...
+    def runs(self, op: dict[str, Any]) -> list[dict[str, Any]]: ...
     def close(self) -> None: ...
 
 
@@ -192,6 +196,38 @@ def open_store(url: str | None) -> Store:
     from supervisor.budget.redis import RedisStore
 
     return RedisStore(url)
+
+
+def _pid_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def owner() -> dict[str, Any]:
+    """Who runs this ledger: host, boot id, pid and the pid's start time (pids are reused)."""
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": boot, "pid": pid, "start": _pid_start(pid)}
+
+
+def _owner_alive(them: dict[str, Any], me: dict[str, Any]) -> bool | None:
+    """Whether the supervisor that owns a run is alive; None when it is on another host."""
+    if them.get("host") != me["host"]:
+        return None  # its own host will settle it; else the holds expire
+    if them.get("boot") != me["boot"]:
+        return False  # the machine rebooted since: it is gone
+    pid = them.get("pid")
+    return isinstance(pid, int) and _pid_start(pid) == them.get("start")
 
 
 def _periods(now: float, timezone: str | None) -> tuple[str, str]:
@@ -507,6 +543,29 @@ class Ledger:
         """Every scope of this run: used, held and limit of calls, tokens and usd; then rate."""
         now = self._now()
         return _usage(self.store, self.agent, self._scopes(now), self._rate, now)
+
+    def claim(self) -> list[tuple[str, Settled]]:
+        """Note this run as live, and settle the open holds of this agent's runs whose
+        supervisor died on this machine (SIGKILL, a crash, a reboot): each is charged its
+        input estimate, as at a normal exit. Returns (dead run id, what was settled)."""
+        me = owner()
+        recovered: list[tuple[str, Settled]] = []
+        for run in self.store.runs({"agent": self.agent}):
+            if run["run_id"] == self.run_id or _owner_alive(run["owner"], me) is not False:
+                continue
+            op = {"agent": self.agent, "run_id": run["run_id"], "now": self._now()}
+            for row in self.store.settle_open(op):
+                settled = Settled(
+                    row["hold_id"], to_usd(row["usd"]), row["tokens"], row["model"], row["label"]
+                )
+                recovered.append((run["run_id"], settled))
+            self.store.forget_run({"agent": self.agent, "run_id": run["run_id"]})
+        self.store.add_run({"agent": self.agent, "run_id": self.run_id, "owner": me})
+        return recovered
+
+    def unclaim(self) -> None:
+        """This run is over and settled: no longer live."""
+        self.store.forget_run({"agent": self.agent, "run_id": self.run_id})
 
     def settle_open(self) -> list[Settled]:
         """Charge every hold of this run still open at its input estimate (the child exited)."""

@@ -2,10 +2,10 @@
 
 Every operation is one Lua script (EVALSHA), so it is atomic on the server: a reservation
 checks and holds every scope in one step. Windows and expiries use the server's clock
-(``TIME``), never a client's; period keys (``2026-11-23``) come from the client's clock
-corrected by the server's offset, measured when the store is opened. Every key of an agent
-carries the hash tag ``{agent}`` and the script is routed by one of them, so the whole
-budget of an agent lives in one Redis Cluster slot. The history is a stream per agent
+(``TIME``), never a client's; period keys (``2026-11-23``) come from the server's time,
+read when the store is opened and carried forward on the client's monotonic clock. Every
+key of an agent carries the hash tag ``{agent}`` and the script is routed by one of them,
+so the whole budget of an agent lives in one Redis Cluster slot. The history is a stream per agent
 (``XADD``, never trimmed). A lost connection raises StoreUnavailable: nothing is granted.
 """
 
@@ -382,7 +382,9 @@ class RedisStore:
             )
             self._keys: dict[str, str] = {}
             seconds, micros = self._client.time()
-            self._skew = seconds + micros / 1e6 - time.time()
+            # The server's time as an offset from this machine's monotonic clock: a jump of
+            # this machine's wall clock (NTP, a hand-set date) never moves a budget period.
+            self._skew = seconds + micros / 1e6 - time.monotonic()
         except self._errors as error:
             raise StoreUnavailable(url, str(error) or type(error).__name__) from None
         except ValueError as error:  # a malformed URL
@@ -410,7 +412,7 @@ class RedisStore:
             raise StoreUnavailable(self.url, str(error) or type(error).__name__) from None
 
     def time(self) -> float:
-        return time.time() + self._skew
+        return time.monotonic() + self._skew
 
     def reserve(self, op: dict[str, Any]) -> dict[str, Any]:
         event, amount, now = op["event"], op["amount"], op["now"]
@@ -486,6 +488,25 @@ class RedisStore:
              "usd": int(out[i + 3])}
             for i in range(0, len(out), 4)
         ]  # fmt: skip
+
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self._client, name)(*args)
+        except self._errors as error:
+            raise StoreUnavailable(self.url, str(error) or type(error).__name__) from None
+
+    def add_run(self, op: dict[str, Any]) -> None:
+        """Note a live run and its owner (the supervisor: host, boot, pid, start time)."""
+        key = f"sv:{{{_tag(op['agent'])}}}:runs"
+        self._call("hset", key, op["run_id"], json.dumps(op["owner"], sort_keys=True))
+
+    def forget_run(self, op: dict[str, Any]) -> None:
+        self._call("hdel", f"sv:{{{_tag(op['agent'])}}}:runs", op["run_id"])
+
+    def runs(self, op: dict[str, Any]) -> list[dict[str, Any]]:
+        """The runs of an agent noted live: [{run_id, owner}]."""
+        found = self._call("hgetall", f"sv:{{{_tag(op['agent'])}}}:runs") or {}
+        return [{"run_id": _text(k), "owner": json.loads(_text(v))} for k, v in found.items()]
 
     def agents(self) -> list[str]:
         """Every agent with a history in this database (a SCAN: for reports, not runs)."""

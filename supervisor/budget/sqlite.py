@@ -68,6 +68,9 @@ CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'the ledger history is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'the ledger history is append-only'); END;
+CREATE TABLE IF NOT EXISTS runs (
+    agent TEXT NOT NULL, run_id TEXT NOT NULL, owner TEXT NOT NULL,
+    PRIMARY KEY (agent, run_id)) WITHOUT ROWID;
 """
 _EVENT_FIELDS = (
     "model", "provider", "label", "input_tokens", "output_tokens", "cached_input_tokens",
@@ -157,7 +160,8 @@ class SQLiteStore:
     def _has_schema(self) -> bool:
         assert self._db is not None
         row = self._db.execute(
-            "SELECT count(*) FROM sqlite_master WHERE name = 'reservations_open'"
+            # The newest object of the schema: a file made by an older version gets the rest.
+            "SELECT count(*) FROM sqlite_master WHERE name = 'runs'"
         ).fetchone()
         return bool(row[0])
 
@@ -590,6 +594,28 @@ class SQLiteStore:
                 )
                 done.append({"scope": sid, "calls": calls, "tokens": tokens, "usd": usd})
             return done
+
+    def add_run(self, op: dict[str, Any]) -> None:
+        """Note a live run and its owner (the supervisor: host, boot, pid, start time)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO runs (agent, run_id, owner) VALUES (?, ?, ?)",
+                (op["agent"], op["run_id"], json.dumps(op["owner"], sort_keys=True)),
+            )
+
+    def forget_run(self, op: dict[str, Any]) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM runs WHERE agent = ? AND run_id = ?", (op["agent"], op["run_id"])
+            )
+
+    def runs(self, op: dict[str, Any]) -> list[dict[str, Any]]:
+        """The runs of an agent noted live: [{run_id, owner}]."""
+        with self._transaction() as db:
+            found = db.execute(
+                "SELECT run_id, owner FROM runs WHERE agent = ?", (op["agent"],)
+            ).fetchall()
+        return [{"run_id": run_id, "owner": json.loads(owner)} for run_id, owner in found]
 
     def events(self, agent: str | None = None) -> list[dict[str, Any]]:
         """The history, oldest first (for tests, reports and re-pricing)."""
