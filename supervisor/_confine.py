@@ -1,4 +1,5 @@
-"""What a run confines beyond the rlimits: the workspace (jail, quota, file caps), network.
+"""What a run confines beyond the rlimits: the workspace (jail, quota, file caps), network,
+and the kernel's backstops for the tree (a pids cgroup, an IPC namespace).
 
 ``Confinement`` is built before the spawn (it makes the workspace, scans it, and turns the
 policy into the reaper's words) and polled by the run loop after it:
@@ -11,7 +12,15 @@ policy into the reaper's words) and polled by the run loop after it:
   RLIMIT_FSIZE of every process of the tree is lowered, as the quota fills, to what is left
   (plus the largest file, so appending to one file can use the whole quota), and one byte
   more: a write runs past the quota by at most one block, which the watcher sees as a
-  breach.  ``max_file_size`` is RLIMIT_FSIZE = max_file_size + 1 the same way.
+  breach.  ``max_file_size`` is RLIMIT_FSIZE = max_file_size + 1 the same way;
+- where RLIMIT_NPROC cannot back up ``limits.processes`` (root is exempt from it), a pids
+  cgroup does (``pids.max`` = max(16 x processes, 256), threads included), where one is
+  writable;
+- the tree gets an IPC namespace of its own where it may (root, or a user namespace):
+  SysV shared memory and message queues then go with it instead of outliving the run.
+
+What the kernel actually applied is read back after the spawn (``after_spawn``), never
+assumed, and goes into ``run_start`` (``enforced()``).
 """
 
 from __future__ import annotations
@@ -50,6 +59,9 @@ class Confinement:
         self._fsize_soft: int | None = None
         self._held_at = 0.0
         self._capped: set[int] = set()  # pids whose RLIMIT_FSIZE is _fsize_soft
+        self.cgroup: str | None = None  # the tree's pids cgroup, made here
+        self._tasks_cap = 0
+        self._guards: dict[str, Any] = {}  # what after_spawn found in force
         kills = plan.on_violation == "kill"
         spec = plan.workspace
         if spec is not None or plan.network == "deny":
@@ -61,6 +73,8 @@ class Confinement:
         if plan.network == "deny":
             self._setup_network()
         self._setup_fsize(kills)
+        self._setup_tasks()
+        self.words.append("ipcns=1")
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -121,6 +135,38 @@ class Confinement:
         self._fsize_hard = min(caps) if caps else resource.RLIM_INFINITY
         self._fsize_soft = self._quota_cap()
 
+    def _setup_tasks(self) -> None:
+        """A pids cgroup capping the tree's tasks where RLIMIT_NPROC in a user namespace
+        does not (supervise's _process_cap): root, or no user namespaces."""
+        processes = self.plan.limit("processes")
+        if processes is None:
+            return
+        from ._linux import pids_cgroup, userns_available
+
+        if os.geteuid() != 0 and userns_available():
+            return
+        parent = pids_cgroup()
+        if parent is None:
+            return
+        path = os.path.join(parent, f"supervise-{os.getpid()}-{os.urandom(4).hex()}")
+        self._tasks_cap = max(16 * int(processes), 256)  # the same cap as RLIMIT_NPROC's
+        try:
+            os.mkdir(path)
+            with open(os.path.join(path, "pids.max"), "w") as f:
+                f.write(str(self._tasks_cap))
+        except OSError:
+            self._remove_cgroup(path)
+            return
+        self.cgroup = path
+        self.words.append(f"cgroup={path}")
+
+    @staticmethod
+    def _remove_cgroup(path: str) -> None:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass  # gone already (the reaper removes it), or never made
+
     def fsize_words(self) -> list[str]:
         """The reaper's RLIMIT_FSIZE word (soft:hard; -1 is unlimited), if any."""
         if self._fsize_hard is None:
@@ -145,15 +191,31 @@ class Confinement:
         return room if hard == resource.RLIM_INFINITY else min(hard, room)
 
     def after_spawn(self, pid: int) -> None:
-        """Record how ``network: deny`` was enforced, from the command's namespaces."""
-        if self.plan.network != "deny":
-            return
+        """Record what the kernel applied to the command: its namespaces (network, IPC),
+        its pids cgroup, its seccomp filter."""
+
+        def own(ns: str) -> bool | None:
+            try:
+                return os.readlink(f"/proc/self/ns/{ns}") != os.readlink(f"/proc/{pid}/ns/{ns}")
+            except OSError:
+                return None  # gone already: no evidence either way
+
+        if self.plan.network == "deny":
+            self.network = "namespace" if own("net") else "landlock-tcp"
+        self._guards["ipc"] = "namespace" if own("ipc") else None
         try:
-            ours = os.readlink("/proc/self/ns/net")
-            theirs = os.readlink(f"/proc/{pid}/ns/net")
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            with open(f"/proc/{pid}/cgroup") as f:
+                groups = f.read()
         except OSError:
-            theirs = ours = ""
-        self.network = "namespace" if theirs != ours else "landlock-tcp"
+            return
+        seccomp = status.get("Seccomp", "").strip() == "2"
+        self._guards["seccomp"] = "prlimit of other processes refused" if seccomp else None
+        if self.cgroup is not None:
+            inside = f"/{os.path.basename(self.cgroup)}\n" in groups
+            where = f"pids.max={self._tasks_cap} ({self.cgroup})"
+            self._guards["tasks_cgroup"] = where if inside else None
 
     # -- the run ----------------------------------------------------------------------
 
@@ -241,8 +303,11 @@ class Confinement:
             "network": self.network,
             "workspace": None if ws is None else ws.path,
             "quota": None if self.tracker is None else "inotify + RLIMIT_FSIZE",
+            **self._guards,
         }
 
     def close(self) -> None:
         if self.workspace is not None:
             self.workspace.cleanup()
+        if self.cgroup is not None:
+            self._remove_cgroup(self.cgroup)
