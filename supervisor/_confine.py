@@ -70,7 +70,7 @@ class Confinement:
         self._lock = threading.RLock()  # the tracker and the caps, shared with the guard
         self._guard: threading.Thread | None = None
         self._guard_fds: tuple[int, int, int] = (-1, -1, -1)  # wake (eventfd), stop pipe r, w
-        self._pids: list[int] = []  # the tree as the run last sampled it, for the guard
+        self._reaper = 0  # the command's parent: the root of the tree the guard freezes
         self.cgroup: str | None = None  # the tree's pids cgroup, made here
         self._tasks_cap = 0
         self._guards: dict[str, Any] = {}  # what after_spawn found in force
@@ -239,7 +239,11 @@ class Confinement:
         quota = (self.plan.workspace or {}).get("quota")
         if self.tracker is None or quota is None or self._fsize_hard is None:
             return
-        self._pids = [pid]
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                self._reaper = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return  # the command is gone already: nothing left to guard
         wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
         self._guard_fds = (wake, stop_r, stop_w)
@@ -251,6 +255,8 @@ class Confinement:
     def _guard_loop(self, quota: int) -> None:
         import select
 
+        from .watch import TreeSampler
+
         assert self.tracker is not None
         wake, stop, _ = self._guard_fds
         poller = select.poll()
@@ -260,7 +266,9 @@ class Confinement:
             with self._lock:
                 self.tracker.poll()
                 if self.tracker.totals()[0] > quota:
-                    self._lower_fsize(self._pids)  # RLIMIT_FSIZE 0: nothing grows any more
+                    # RLIMIT_FSIZE 0 for the whole tree as it is now (the run loop's last
+                    # sample may predate the writers); a later fork inherits it.
+                    self._lower_fsize(TreeSampler(self._reaper).pids())
             os.eventfd_write(wake, 1)
 
     def _stop_guard(self) -> None:
@@ -322,7 +330,6 @@ class Confinement:
         self.peak_bytes = max(self.peak_bytes, used)
         self.peak_files = max(self.peak_files, files)
         if pids:
-            self._pids = pids
             self._lower_fsize(pids)
         spec = self.plan.workspace or {}
         found = []
