@@ -14,6 +14,7 @@ _SYS_LANDLOCK_CREATE_RULESET = 444
 _LANDLOCK_CREATE_RULESET_VERSION = 1
 _SYS_PIDFD_OPEN = 434
 _PR_GET_CHILD_SUBREAPER = 37
+_PR_SET_DUMPABLE = 4
 
 _libc: Any = None
 
@@ -41,6 +42,18 @@ def has_pidfd() -> bool:
         os.close(ret)
         return True
     return False
+
+
+def make_undumpable() -> None:
+    """PR_SET_DUMPABLE 0 for this process: a tree of the same uid can then no longer read
+    its /proc/PID/environ (what the policy's env section withheld), fds or maps.  For the
+    supervise command; an embedding program decides for itself (it loses core dumps)."""
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def userns_available() -> bool:
