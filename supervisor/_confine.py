@@ -221,8 +221,10 @@ class Confinement:
         try:
             with open(f"/proc/{pid}/status") as f:
                 status = dict(line.split(":", 1) for line in f if ":" in line)
-            with open(f"/proc/{pid}/cgroup") as f:
-                groups = f.read()
+            groups = ""
+            if self.cgroup is not None:
+                with open(f"/proc/{pid}/cgroup") as f:
+                    groups = f.read()
         except OSError:
             return
         seccomp = status.get("Seccomp", "").strip() == "2"

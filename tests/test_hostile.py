@@ -23,7 +23,7 @@ import pytest
 from conftest import GLOBAL_TIMEOUT, python, supervise, tagged_pids
 
 from supervisor import Policy, Supervisor
-from supervisor._linux import landlock_abi, userns_available
+from supervisor._linux import landlock_abi
 from supervisor.audit import read_events, verify
 
 ABI = landlock_abi() or 0
@@ -112,6 +112,21 @@ def kernel_cap(processes: int) -> int:
     return max(16 * processes, 256)
 
 
+def enforced(**limits: Any) -> dict[str, Any]:
+    """What run_start says this machine enforces on a tree (from /proc, not assumed)."""
+    log = Path(os.environ["XDG_STATE_HOME"]) / "probe.jsonl"
+    Supervisor(policy(limits=limits), audit=log).run(["sleep", "0.2"])  # alive when read
+    start = next(e for e in read_events(log) if e["event"] == "run_start")
+    return dict(start["detail"]["enforced"])
+
+
+def capped_tasks() -> bool:
+    """Does the kernel cap the tree's tasks here (a pids cgroup, or RLIMIT_NPROC in a user
+    namespace)?"""
+    got = enforced(processes=32)
+    return bool(got.get("tasks_cgroup") or got.get("processes_kernel_cap"))
+
+
 def test_fork_bomb_ignoring_sigterm_is_stopped_quickly_and_capped(no_leftovers: str) -> None:
     """A fork bomb that ignores SIGTERM: 124 within seconds, never far past the kernel cap
     (even during grace), and not one process of it survives."""
@@ -120,17 +135,19 @@ def test_fork_bomb_ignoring_sigterm_is_stopped_quickly_and_capped(no_leftovers: 
     assert (result.status, result.exit_code) == ("violation", 124)
     assert result.violation.limit in ("processes", "memory")
     assert time.monotonic() - t < 10
-    assert result.usage.peak_processes <= kernel_cap(32)
     assert tagged_pids(no_leftovers) == []
+    if capped_tasks():  # without one, grace lets it fork on: the watcher alone stops it
+        assert result.usage.peak_processes <= kernel_cap(32)
 
 
-@pytest.mark.skipif(
-    not ROOT and not userns_available(),
-    reason="no kernel cap on threads without root (pids cgroup) or user namespaces",
-)
 def test_thread_bomb_is_refused_by_the_kernel_cap(no_leftovers: str) -> None:
     """A thread bomb (one process, so ``processes`` never trips) gets no further than the
     kernel's task cap, then the run ends at its deadline with nothing left."""
+    if not capped_tasks():
+        pytest.skip(
+            "no kernel cap on tasks here: no writable pids cgroup (root) and no "
+            "user namespace (RLIMIT_NPROC); memory alone stops a thread bomb"
+        )
     result, out = output_of(
         policy(limits={"processes": 32, "memory": "2GiB", "wall_time": "3s"}),
         python(THREAD_BOMB),
@@ -534,6 +551,36 @@ def test_a_run_cannot_settle_another_runs_reservation(tmp_path: Path, agent: str
     assert owner.usage.api_calls == 1 and owner.usage.output_tokens == 10
 
 
+DENIED_FLOOD = """
+import time
+from supervisor import client
+b = client.connect()
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    try:
+        b.call("reserve", {"model": "m1", "input_tokens": 10**9, "max_output_tokens": 0})
+    except client.BudgetExceeded:
+        pass
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="every denied reservation is an fsync'd audit line (and a ledger event row): "
+    "~1500/s measured, about 1 MB/s outside the workspace quota; the fix rate-limits the "
+    "`denied` lines like rpc_error (supervisor.py) with a count of those not logged",
+)
+def test_a_flood_of_denied_reservations_cannot_fill_the_disk(
+    tmp_path: Path, audit_log: Path
+) -> None:
+    """Two seconds of reservations that are all denied: the audit log grows by a bounded
+    number of lines (a burst, then a few a second), not one per request."""
+    result = Supervisor(budget_policy(tmp_path)).run(python(DENIED_FLOOD))
+    assert result.exit_code == 0
+    denied = [e for e in read_events(audit_log) if e["event"] == "denied"]
+    assert len(denied) <= 20 + 5 * result.usage.wall_time + 2, len(denied)
+
+
 # -- supervise's files ---------------------------------------------------------------------
 
 WRITE_STATE = (
@@ -716,10 +763,14 @@ print(sid >= 0 and q >= 0, flush=True)
 """
 
 
-@pytest.mark.skipif(not ROOT and not userns_available(), reason="needs an IPC namespace")
 def test_sysv_shared_memory_and_message_queues_do_not_outlive_the_run() -> None:
     """A SysV shared memory segment (16 MiB, detached) and a POSIX message queue made by
     the tree are gone with it: the tree has an IPC namespace of its own."""
+    if enforced().get("ipc") != "namespace":
+        pytest.skip(
+            "no IPC namespace here (needs root with CAP_SYS_ADMIN, or a user "
+            "namespace): SysV IPC and message queues of the tree outlive it"
+        )
     key, queue = 0x5EED0000 + os.getpid() % 0xFFFF, f"/supervise-hostile-{os.getpid()}"
     result, out = output_of(policy(), [*python(SYSV_AND_MQUEUE), str(key), queue])
     assert result.exit_code == 0 and out == "True\n"
