@@ -567,7 +567,7 @@ while time.monotonic() < end:
 @pytest.mark.xfail(
     strict=True,
     reason="every denied reservation is an fsync'd audit line (and a ledger event row): "
-    "~1500/s measured, about 1 MB/s outside the workspace quota; the fix rate-limits the "
+    "~1500/s measured, 0.75 MB/s outside the workspace quota; the fix rate-limits the "
     "`denied` lines like rpc_error (supervisor.py) with a count of those not logged",
 )
 def test_a_flood_of_denied_reservations_cannot_fill_the_disk(
