@@ -11,9 +11,9 @@
  *   - forks the command, which in its own session applies the rlimits, a raised
  *     oom_score_adj and PR_SET_PDEATHSIG(SIGKILL) (its parent is this single-threaded
  *     process, so the "thread that forked" caveat does not apply), then execs;
- *   - keeps the tree from undoing its limits: a seccomp filter refuses prlimit64 on
- *     another process (supervise and this reaper are the same uid), and a root tree loses
- *     CAP_SYS_RESOURCE and CAP_SYS_PTRACE (bounding set included);
+ *   - keeps the tree from undoing its limits: a seccomp filter refuses to set the rlimits
+ *     or the scheduling of another process (supervise and this reaper are the same uid),
+ *     and a root tree loses CAP_SYS_RESOURCE and CAP_SYS_PTRACE (bounding set included);
  *   - reports setup failures as "E step errno", the command's pid as
  *     "P pid pidfd scoped" (pidfd: it watches the supervisor through a pidfd; scoped: the
  *     tree cannot signal outside itself), its death as
@@ -319,44 +319,129 @@ struct path_beneath {
     int parent_fd;
 } __attribute__((packed));
 
-/* A seccomp filter: prlimit64 that sets the limits of another process fails with EPERM.
- * Same-uid processes may set each other's rlimits, and Landlock does not govern it: the
- * tree could give supervise or this reaper RLIMIT_NOFILE 4 (the watcher goes blind) or
- * RLIMIT_CPU 1.  Its own limits (pid 0, as setrlimit calls it) and reading anyone's
- * (new_limit NULL) stay allowed.  Returns 0 when the filter is in place. */
+/* A seccomp filter: the tree cannot change the limits or the scheduling of another
+ * process.  Same-uid processes may set each other's rlimits, nice value, policy, CPU
+ * affinity and I/O priority, and Landlock does not govern any of it: the tree could give
+ * supervise or this reaper RLIMIT_NOFILE 4 (the watcher goes blind), or make them
+ * SCHED_IDLE at nice 19 pinned to a busy CPU (measured: a 1 s deadline enforced after
+ * 5-12 s on a loaded machine).  What stays allowed: a process's own settings through pid
+ * 0 (setrlimit, nice(1), taskset or chrt starting a command, sched_setaffinity(0)) and
+ * reading anyone's.  What fails (EPERM): renice -p, taskset -p, chrt -p, prlimit --pid,
+ * and pthread_setaffinity_np / pthread_setschedparam, which name a thread by its tid.
+ * Returns 0 when the filter is in place. */
 #if defined(__x86_64__) || defined(__aarch64__)
 #define ARG_LO(i) (offsetof(struct seccomp_data, args) + 8 * (i))
 #define ARG_HI(i) (offsetof(struct seccomp_data, args) + 8 * (i) + 4)
-static int deny_foreign_prlimit(void) {
-    struct sock_filter f[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+enum { TO_ALLOW = 1000, TO_DENY, TO_NEXT, TO_COMPAT }; /* symbolic jump targets */
+struct bpf {
+    struct sock_filter f[128];
+    int jt[128], jf[128]; /* a relative offset, or a TO_ target */
+    int n, block;         /* instructions so far; where the current block's NEXT points */
+};
+static void bpf_op(struct bpf *b, unsigned short code, unsigned k, int jt, int jf) {
+    b->f[b->n] = (struct sock_filter)BPF_JUMP(code, k, 0, 0);
+    b->jt[b->n] = jt;
+    b->jf[b->n] = jf;
+    b->n++;
+}
+#define LD(b, off) bpf_op(b, BPF_LD | BPF_W | BPF_ABS, (unsigned)(off), 0, 0)
+#define JEQ(b, k, jt, jf) bpf_op(b, BPF_JMP | BPF_JEQ | BPF_K, (unsigned)(k), jt, jf)
+/* Point the jumps to `label` from instructions [from, n) here. */
+static void bpf_label(struct bpf *b, int from, int label) {
+    for (int i = from; i < b->n; i++) {
+        if (b->jt[i] == label) b->jt[i] = b->n - i - 1;
+        if (b->jf[i] == label) b->jf[i] = b->n - i - 1;
+    }
+}
+/* The block that ends here: its NEXT jumps come here; the next block begins. */
+static void bpf_next(struct bpf *b) {
+    bpf_label(b, b->block, TO_NEXT);
+    b->block = b->n;
+}
+/* Syscall numbers of one table: prlimit64, then the calls that take a pid first, then
+ * setpriority and ioprio_set (which, who). */
+struct nrs { unsigned prlimit, pid_first[4], setpriority, ioprio_set; };
+static void bpf_table(struct bpf *b, const struct nrs *t, unsigned mask) {
+#define NR() do { LD(b, offsetof(struct seccomp_data, nr)); \
+        if (mask) bpf_op(b, BPF_ALU | BPF_AND | BPF_K, mask, 0, 0); } while (0)
+    NR();
+    JEQ(b, t->prlimit, 0, TO_NEXT);
+    LD(b, ARG_LO(0)); /* pid_t: the low word is all of it */
+    JEQ(b, 0, TO_ALLOW, 0);
+    LD(b, ARG_LO(2)); /* new_limit: NULL only reads */
+    JEQ(b, 0, 0, TO_DENY);
+    LD(b, ARG_HI(2));
+    JEQ(b, 0, TO_ALLOW, TO_DENY);
+    bpf_next(b);
+    for (int k = 0; k < 4; k++) {
+        NR();
+        JEQ(b, t->pid_first[k], 0, TO_NEXT);
+        LD(b, ARG_LO(0));
+        JEQ(b, 0, TO_ALLOW, TO_DENY);
+        bpf_next(b);
+    }
+    const unsigned who_user[2][2] = {{t->setpriority, 2 /* PRIO_USER */},
+                                     {t->ioprio_set, 3 /* IOPRIO_WHO_USER */}};
+    for (int k = 0; k < 2; k++) { /* who 0 is the caller (or its group); a user is not */
+        NR();
+        JEQ(b, who_user[k][0], 0, TO_NEXT);
+        LD(b, ARG_LO(1));
+        JEQ(b, 0, 0, TO_DENY);
+        LD(b, ARG_LO(0));
+        JEQ(b, who_user[k][1], TO_DENY, TO_ALLOW);
+        bpf_next(b);
+    }
+    bpf_op(b, BPF_JMP | BPF_JA, 0, 0, 0); /* k patched to ALLOW below */
+    b->jt[b->n - 1] = TO_ALLOW;
+    bpf_next(b);
+#undef NR
+}
+static int guard_other_processes(void) {
+    static const struct nrs native = {
+        SYS_prlimit64,
+        {SYS_sched_setscheduler, SYS_sched_setparam, SYS_sched_setattr, SYS_sched_setaffinity},
+        SYS_setpriority, SYS_ioprio_set};
+    struct bpf b;
+    memset(&b, 0, sizeof b);
+    LD(&b, offsetof(struct seccomp_data, arch));
 #if defined(__x86_64__)
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 3, 0),
-        /* int 0x80 from a 64-bit process is the i386 table: prlimit64 is 340 there */
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_I386, 0, 12),
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 340, 3, 10),
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_STMT(BPF_ALU | BPF_AND | BPF_K, ~0x40000000U), /* x32 numbers: the same | bit 30 */
+    /* x32 numbers are the 64-bit ones with bit 30 set: masked off, one table serves both */
+    JEQ(&b, AUDIT_ARCH_X86_64, 0, TO_COMPAT);
+    b.block = b.n;
+    bpf_table(&b, &native, ~0x40000000U);
+    bpf_label(&b, 0, TO_COMPAT);
+    /* int 0x80 from a 64-bit process reaches the i386 table */
+    static const struct nrs i386 = {340, {156, 154, 351, 241}, 97, 289};
+    LD(&b, offsetof(struct seccomp_data, arch));
+    JEQ(&b, AUDIT_ARCH_I386, 0, TO_ALLOW);
+    b.block = b.n;
+    bpf_table(&b, &i386, 0);
 #else
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_AARCH64, 0, 9),
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+    JEQ(&b, AUDIT_ARCH_AARCH64, 0, TO_ALLOW);
+    b.block = b.n;
+    bpf_table(&b, &native, 0);
 #endif
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_prlimit64, 0, 7),
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_LO(0)), /* pid_t: the low word is all of it */
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 5, 0),
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_LO(2)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 2),
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, ARG_HI(2)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, 0),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-    };
-    struct sock_fprog prog = {(unsigned short)(sizeof f / sizeof f[0]), f};
+    int deny = b.n, allow = b.n + 1;
+    bpf_op(&b, BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM, 0, 0);
+    bpf_op(&b, BPF_RET | BPF_K, SECCOMP_RET_ALLOW, 0, 0);
+    for (int i = 0; i < deny; i++) {
+        int *jt = &b.jt[i], *jf = &b.jf[i];
+        if (*jt == TO_ALLOW) *jt = allow - i - 1;
+        if (*jt == TO_DENY) *jt = deny - i - 1;
+        if (*jf == TO_ALLOW) *jf = allow - i - 1;
+        if (*jf == TO_DENY) *jf = deny - i - 1;
+        if (BPF_CLASS(b.f[i].code) == BPF_JMP && BPF_OP(b.f[i].code) == BPF_JA)
+            b.f[i].k = (unsigned)*jt;
+        else {
+            b.f[i].jt = (unsigned char)*jt;
+            b.f[i].jf = (unsigned char)*jf;
+        }
+    }
+    struct sock_fprog prog = {(unsigned short)b.n, b.f};
     return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0);
 }
 #else
-static int deny_foreign_prlimit(void) { errno = ENOSYS; return -1; }
+static int guard_other_processes(void) { errno = ENOSYS; return -1; }
 #endif
 
 /* A root tree keeps root, minus what would undo its limits: CAP_SYS_RESOURCE (raise its
@@ -581,7 +666,7 @@ int main(int argc, char **argv) {
         }
         /* The filter needs no_new_privs; the Landlock domain above has set it already. */
         if (!prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)) prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-        if (deny_foreign_prlimit() != 0 && errno != ENOSYS && errno != EINVAL)
+        if (guard_other_processes() != 0 && errno != ENOSYS && errno != EINVAL)
             fail_child(errpipe[1], "seccomp");
         if (cwd && chdir(cwd) != 0) fail_child(errpipe[1], "chdir");
         sigset_t none;

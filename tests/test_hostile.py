@@ -282,23 +282,40 @@ def test_tree_cannot_kill_stop_or_ptrace_the_reaper_or_supervise() -> None:
     assert len(got) == 9 and set(got.values()) <= {"EPERM", "ESRCH"}, got
 
 
-def test_tree_cannot_set_rlimits_of_the_reaper_or_supervise() -> None:
-    """prlimit(2) on supervise or on the reaper is refused (it could starve them of fds
-    or CPU, blinding the watcher); the run still ends normally."""
+def test_tree_cannot_set_rlimits_or_scheduling_of_the_reaper_or_supervise() -> None:
+    """prlimit, nice, scheduling policy, CPU affinity and I/O priority of supervise or of
+    the reaper are refused (a same-uid tree could starve them of fds or CPU); a process's
+    own settings (pid 0) still work; the run ends normally."""
     code = PROBE + (
+        "ioprio = lambda which, who: check(libc.syscall(251, which, who, 7 | 3 << 13))\n"
         "for who, pid in (('reaper', reaper), ('supervise', supervise)):\n"
         "    for res in (resource.RLIMIT_NOFILE, resource.RLIMIT_CPU, resource.RLIMIT_AS):\n"
         "        attempt(f'prlimit-{res}-{who}', lambda: resource.prlimit(pid, res, (4, 4)))\n"
-        "attempt('prlimit-own', lambda: resource.prlimit(0, resource.RLIMIT_CORE, (0, 0)))\n"
-        "attempt('prlimit-child', lambda: resource.prlimit(os.getpid(), resource.RLIMIT_CORE,"
-        " (0, 0)))\n"
+        "    attempt(f'nice-{who}', lambda: os.setpriority(os.PRIO_PROCESS, pid, 19))\n"
+        "    attempt(f'idle-{who}', lambda: os.sched_setscheduler(pid, os.SCHED_IDLE,"
+        " os.sched_param(0)))\n"
+        "    attempt(f'param-{who}', lambda: os.sched_setparam(pid, os.sched_param(0)))\n"
+        "    attempt(f'affinity-{who}', lambda: os.sched_setaffinity(pid, {0}))\n"
+        "    attempt(f'ioprio-{who}', lambda: ioprio(1, pid))\n"
+        "attempt('nice-every-process-of-the-user', lambda: os.setpriority(os.PRIO_USER, 0, 19))\n"
+        "attempt('ioprio-every-process-of-the-user', lambda: ioprio(3, 0))\n"
+        "for name, fn in (\n"
+        "    ('own-prlimit', lambda: resource.prlimit(0, resource.RLIMIT_CORE, (0, 0))),\n"
+        "    ('own-setrlimit', lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))),\n"
+        "    ('own-nice', lambda: os.setpriority(os.PRIO_PROCESS, 0, 1)),\n"
+        "    ('own-affinity', lambda: os.sched_setaffinity(0, os.sched_getaffinity(0))),\n"
+        "    ('own-batch', lambda: os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))),\n"
+        "    ('own-ioprio', lambda: ioprio(1, 0)),\n"
+        "    ('read-others', lambda: resource.prlimit(supervise, resource.RLIMIT_NOFILE)),\n"
+        "):\n"
+        "    attempt(name, fn)\n"
     )
     done = supervise("-q", "--set", "limits.wall_time=20s", "--", *python(code))
     assert done.returncode == 0, done.stderr
     got = answers(done.stdout)
-    assert got.pop("prlimit-own") == "ok"  # its own limits, lowered: always allowed
-    got.pop("prlimit-child")  # its own pid: refused too (the filter cannot tell), harmless
-    assert got and set(got.values()) == {"EPERM"}, got
+    own = {k: got.pop(k) for k in list(got) if k.startswith(("own-", "read-"))}
+    assert own and set(own.values()) == {"ok"}, own
+    assert len(got) == 18 and set(got.values()) == {"EPERM"}, got
 
 
 def test_tree_cannot_raise_its_own_hard_limits() -> None:
