@@ -228,7 +228,9 @@ class Confinement:
         except OSError:
             return
         seccomp = status.get("Seccomp", "").strip() == "2"
-        self._guards["seccomp"] = "prlimit of other processes refused" if seccomp else None
+        self._guards["seccomp"] = (
+            "rlimits and scheduling of other processes refused" if seccomp else None
+        )
         if self.cgroup is not None:
             inside = f"/{os.path.basename(self.cgroup)}\n" in groups
             where = f"pids.max={self._tasks_cap} ({self.cgroup})"

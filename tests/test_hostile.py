@@ -217,8 +217,8 @@ def test_sigterm_ignored_by_an_escapee_is_named_in_the_message(tmp_path: Path) -
     log = tmp_path / "escapees"
     code = HOLD + ESCAPES["setsid"] + "time.sleep(60)\n"
     t = time.monotonic()
-    result = Supervisor(policy(limits={"wall_time": "1s"})).run([*python(code), str(log)])
-    assert result.exit_code == 124 and time.monotonic() - t < 5
+    result = Supervisor(policy(limits={"wall_time": "2s"})).run([*python(code), str(log)])
+    assert result.exit_code == 124 and time.monotonic() - t < 6
     pid = log.read_text().split()[0]
     assert f"{pid} ignored SIGTERM" in result.violation.message
 
@@ -237,7 +237,7 @@ def test_a_stopped_tree_still_counts_wall_time_and_is_killed(no_leftovers: str) 
     t = time.monotonic()
     result = Supervisor(policy(limits={"wall_time": "500ms"})).run(python(code))
     assert (result.exit_code, result.violation.limit) == (124, "wall_time")
-    assert time.monotonic() - t < 3
+    assert time.monotonic() - t < 4
     assert tagged_pids(no_leftovers) == []
 
 
