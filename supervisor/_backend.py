@@ -6,6 +6,10 @@ a denial (audit ``denied``), spend written past a limit (a violation), an alert 
 crossed (a warning, and a notification to the child), spend the store failed to write
 (the run stops: fail closed), and the usage totals (``RunResult.usage``: calls, tokens,
 USD, by model and by label).
+
+A run commits and releases only the reservations it was granted: the ledger knows holds
+by agent, and hold ids are row numbers, so without this a child could settle another
+run's hold (same agent) by guessing its id.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from decimal import Decimal
 from typing import Any, Protocol
 
-from .errors import BudgetError, BudgetExceeded, StoreUnavailable
+from .errors import BudgetError, BudgetExceeded, StoreUnavailable, UnknownReservation
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,6 +57,7 @@ class RunBackend:
         self.step_time = step_time
         self.steps: dict[str, float] = {}  # open step -> when it began (monotonic)
         self._calls: dict[str, tuple[str, str | None]] = {}  # hold -> (model, label)
+        self._granted: set[str] = set()  # every hold granted to this run
 
     # -- the ledger ---------------------------------------------------------------------
 
@@ -86,11 +91,19 @@ class RunBackend:
         except (BudgetError, StoreUnavailable) as e:
             self.events.budget_denied(e)
             raise
-        self._calls[hold.id] = (model, label)
+        if not hold.replayed:  # a replayed key may be another run's: its answer, not its hold
+            self._granted.add(hold.id)
+        if hold.id in self._granted:
+            self._calls[hold.id] = (model, label)
         return {"reservation": hold.id, "usd_held": hold.usd_held, "tokens_held": hold.tokens_held}
+
+    def _own(self, reservation: str) -> None:
+        if reservation not in self._granted:
+            raise UnknownReservation(reservation)
 
     def commit(self, reservation: str, **counts: Any) -> dict[str, Any]:
         ledger = self._ledger()
+        self._own(reservation)
         model, label = self._calls.pop(reservation, ("?", None))
         return self._charged(
             lambda: ledger.commit(reservation, **counts), model, label, counts, "commit"
@@ -173,6 +186,8 @@ class RunBackend:
         )  # fmt: skip
 
     def release(self, reservation: str) -> dict[str, Any]:
+        self._ledger()
+        self._own(reservation)
         self._calls.pop(reservation, None)
         self._ledger().release(reservation)
         return {}

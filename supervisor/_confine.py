@@ -1,4 +1,5 @@
-"""What a run confines beyond the rlimits: the workspace (jail, quota, file caps), network.
+"""What a run confines beyond the rlimits: the workspace (jail, quota, file caps), network,
+and the kernel's backstops for the tree (a pids cgroup, an IPC namespace).
 
 ``Confinement`` is built before the spawn (it makes the workspace, scans it, and turns the
 policy into the reaper's words) and polled by the run loop after it:
@@ -11,13 +12,29 @@ policy into the reaper's words) and polled by the run loop after it:
   RLIMIT_FSIZE of every process of the tree is lowered, as the quota fills, to what is left
   (plus the largest file, so appending to one file can use the whole quota), and one byte
   more: a write runs past the quota by at most one block, which the watcher sees as a
-  breach.  ``max_file_size`` is RLIMIT_FSIZE = max_file_size + 1 the same way.
+  breach.  ``max_file_size`` is RLIMIT_FSIZE = max_file_size + 1 the same way.  Once the
+  quota is broken (under ``on_violation: kill``) RLIMIT_FSIZE drops to 0 at once, before
+  the violation is logged and the tree signalled: many small files cannot be capped by an
+  offset limit ahead of time, but nothing grows while the run stops it.  The events are
+  folded by a thread of their own (the quota guard), so that this happens within an event
+  batch of the crossing even while the run loop waits on something else: an fsync'd audit
+  line was measured taking 30-130 ms on a busy disk, time enough for four small-file
+  writers to add 2-5 MiB.  The guard wakes the run loop (``fileno()``), which decides;
+- where RLIMIT_NPROC cannot back up ``limits.processes`` (root is exempt from it), a pids
+  cgroup does (``pids.max`` = max(16 x processes, 256), threads included), where one is
+  writable;
+- the tree gets an IPC namespace of its own where it may (root, or a user namespace):
+  SysV shared memory and message queues then go with it instead of outliving the run.
+
+What the kernel actually applied is read back after the spawn (``after_spawn``), never
+assumed, and goes into ``run_start`` (``enforced()``).
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import threading
 
 from .errors import WorkspaceError
 
@@ -50,6 +67,13 @@ class Confinement:
         self._fsize_soft: int | None = None
         self._held_at = 0.0
         self._capped: set[int] = set()  # pids whose RLIMIT_FSIZE is _fsize_soft
+        self._lock = threading.RLock()  # the tracker and the caps, shared with the guard
+        self._guard: threading.Thread | None = None
+        self._guard_fds: tuple[int, int, int] = (-1, -1, -1)  # wake (eventfd), stop pipe r, w
+        self._reaper = 0  # the command's parent: the root of the tree the guard freezes
+        self.cgroup: str | None = None  # the tree's pids cgroup, made here
+        self._tasks_cap = 0
+        self._guards: dict[str, Any] = {}  # what after_spawn found in force
         kills = plan.on_violation == "kill"
         spec = plan.workspace
         if spec is not None or plan.network == "deny":
@@ -61,6 +85,8 @@ class Confinement:
         if plan.network == "deny":
             self._setup_network()
         self._setup_fsize(kills)
+        self._setup_tasks()
+        self.words.append("ipcns=1")
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -121,6 +147,38 @@ class Confinement:
         self._fsize_hard = min(caps) if caps else resource.RLIM_INFINITY
         self._fsize_soft = self._quota_cap()
 
+    def _setup_tasks(self) -> None:
+        """A pids cgroup capping the tree's tasks where RLIMIT_NPROC in a user namespace
+        does not (supervise's _process_cap): root, or no user namespaces."""
+        processes = self.plan.limit("processes")
+        if processes is None:
+            return
+        from ._linux import pids_cgroup, userns_available
+
+        if os.geteuid() != 0 and userns_available():
+            return
+        parent = pids_cgroup()
+        if parent is None:
+            return
+        path = os.path.join(parent, f"supervise-{os.getpid()}-{os.urandom(4).hex()}")
+        self._tasks_cap = max(16 * int(processes), 256)  # the same cap as RLIMIT_NPROC's
+        try:
+            os.mkdir(path)
+            with open(os.path.join(path, "pids.max"), "w") as f:
+                f.write(str(self._tasks_cap))
+        except OSError:
+            self._remove_cgroup(path)
+            return
+        self.cgroup = path
+        self.words.append(f"cgroup={path}")
+
+    @staticmethod
+    def _remove_cgroup(path: str) -> None:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass  # gone already (the reaper removes it), or never made
+
     def fsize_words(self) -> list[str]:
         """The reaper's RLIMIT_FSIZE word (soft:hard; -1 is unlimited), if any."""
         if self._fsize_hard is None:
@@ -138,6 +196,8 @@ class Confinement:
         if hard is None or quota is None or self.tracker is None:
             return hard
         used, _ = self.tracker.totals()
+        if used > quota:
+            return 0  # broken: nothing may grow while the run stops the tree
         size, blocks = self.tracker.largest_file()
         left = max(0, quota - used)
         # A sparse largest file (size past its blocks) may still be extended by what is left.
@@ -145,19 +205,92 @@ class Confinement:
         return room if hard == resource.RLIM_INFINITY else min(hard, room)
 
     def after_spawn(self, pid: int) -> None:
-        """Record how ``network: deny`` was enforced, from the command's namespaces."""
-        if self.plan.network != "deny":
+        """Record what the kernel applied to the command: its namespaces (network, IPC),
+        its pids cgroup, its seccomp filter."""
+
+        def own(ns: str) -> bool | None:
+            try:
+                return os.readlink(f"/proc/self/ns/{ns}") != os.readlink(f"/proc/{pid}/ns/{ns}")
+            except OSError:
+                return None  # gone already: no evidence either way
+
+        self._start_guard(pid)
+        if self.plan.network == "deny":
+            self.network = "namespace" if own("net") else "landlock-tcp"
+        self._guards["ipc"] = "namespace" if own("ipc") else None
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            groups = ""
+            if self.cgroup is not None:
+                with open(f"/proc/{pid}/cgroup") as f:
+                    groups = f.read()
+        except OSError:
+            return
+        seccomp = status.get("Seccomp", "").strip() == "2"
+        self._guards["seccomp"] = (
+            "rlimits and scheduling of other processes refused" if seccomp else None
+        )
+        if self.cgroup is not None:
+            inside = f"/{os.path.basename(self.cgroup)}\n" in groups
+            where = f"pids.max={self._tasks_cap} ({self.cgroup})"
+            self._guards["tasks_cgroup"] = where if inside else None
+
+    # -- the quota guard ----------------------------------------------------------------
+
+    def _start_guard(self, pid: int) -> None:
+        """Under ``on_violation: kill`` with a quota: the thread that folds inotify events."""
+        quota = (self.plan.workspace or {}).get("quota")
+        if self.tracker is None or quota is None or self._fsize_hard is None:
             return
         try:
-            ours = os.readlink("/proc/self/ns/net")
-            theirs = os.readlink(f"/proc/{pid}/ns/net")
-        except OSError:
-            theirs = ours = ""
-        self.network = "namespace" if theirs != ours else "landlock-tcp"
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                self._reaper = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return  # the command is gone already: nothing left to guard
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        self._guard_fds = (wake, stop_r, stop_w)
+        self._guard = threading.Thread(
+            target=self._guard_loop, args=(quota,), name="supervise-quota", daemon=True
+        )
+        self._guard.start()
+
+    def _guard_loop(self, quota: int) -> None:
+        import select
+
+        from .watch import TreeSampler
+
+        assert self.tracker is not None
+        wake, stop, _ = self._guard_fds
+        poller = select.poll()
+        poller.register(self.tracker.fileno(), select.POLLIN)
+        poller.register(stop, select.POLLIN)
+        while all(fd != stop for fd, _ in poller.poll()):
+            with self._lock:
+                self.tracker.poll()
+                if self.tracker.totals()[0] > quota:
+                    # RLIMIT_FSIZE 0 for the whole tree as it is now (the run loop's last
+                    # sample may predate the writers); a later fork inherits it.
+                    self._lower_fsize(TreeSampler(self._reaper).pids())
+            os.eventfd_write(wake, 1)
+
+    def _stop_guard(self) -> None:
+        if self._guard is not None:
+            os.write(self._guard_fds[2], b"!")
+            self._guard.join()
+            self._guard = None
+        for fd in self._guard_fds:
+            if fd >= 0:
+                os.close(fd)
+        self._guard_fds = (-1, -1, -1)
 
     # -- the run ----------------------------------------------------------------------
 
     def fileno(self) -> int:
+        """Poll this for reading, then call ``poll()``: the guard's wake-ups, else inotify."""
+        if self._guard is not None:
+            return self._guard_fds[0]
         return self.tracker.fileno() if self.tracker is not None else -1
 
     def poll(self, pids: list[int]) -> list[tuple[str, int, int, str]]:
@@ -165,12 +298,22 @@ class Confinement:
         return the workspace's (limit, used, limit value, how) for the limits it has."""
         if self.tracker is None:
             return []
-        self.tracker.poll()
-        return self._observe(pids)
+        if self._guard is not None:
+            try:
+                os.eventfd_read(self._guard_fds[0])
+            except BlockingIOError:
+                pass
+        with self._lock:
+            self.tracker.poll()
+            return self._observe(pids)
 
     def periodic(self, pids: list[int], now: float) -> list[tuple[str, int, int, str]]:
         """At each tree sample: a rescan when a directory could not be watched, and (twice a
         second, once files were deleted) the deleted files the tree still holds open."""
+        with self._lock:
+            return self._periodic(pids, now)
+
+    def _periodic(self, pids: list[int], now: float) -> list[tuple[str, int, int, str]]:
         tracker = self.tracker
         if tracker is None:
             return []
@@ -241,8 +384,12 @@ class Confinement:
             "network": self.network,
             "workspace": None if ws is None else ws.path,
             "quota": None if self.tracker is None else "inotify + RLIMIT_FSIZE",
+            **self._guards,
         }
 
     def close(self) -> None:
+        self._stop_guard()
         if self.workspace is not None:
             self.workspace.cleanup()
+        if self.cgroup is not None:
+            self._remove_cgroup(self.cgroup)

@@ -14,6 +14,7 @@ _SYS_LANDLOCK_CREATE_RULESET = 444
 _LANDLOCK_CREATE_RULESET_VERSION = 1
 _SYS_PIDFD_OPEN = 434
 _PR_GET_CHILD_SUBREAPER = 37
+_PR_SET_DUMPABLE = 4
 
 _libc: Any = None
 
@@ -41,6 +42,18 @@ def has_pidfd() -> bool:
         os.close(ret)
         return True
     return False
+
+
+def make_undumpable() -> None:
+    """PR_SET_DUMPABLE 0 for this process: a tree of the same uid can then no longer read
+    its /proc/PID/environ (what the policy's env section withheld), fds or maps.  For the
+    supervise command; an embedding program decides for itself (it loses core dumps)."""
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def userns_available() -> bool:
@@ -73,6 +86,47 @@ def cgroup_v2() -> str | None:
     return f"{where} ({controllers}; {'delegated' if delegated else 'not writable'})"
 
 
+_pids_cgroup: list[str | None] = []  # pids_cgroup()'s answer, once found
+
+
+def pids_cgroup() -> str | None:
+    """A cgroup directory of the pids controller in which this process may make a child
+    group (the v1 pids hierarchy, or a v2 group whose subtree has pids), else None."""
+    if not _pids_cgroup:
+        _pids_cgroup.append(_find_pids_cgroup())
+    return _pids_cgroup[0]
+
+
+def _find_pids_cgroup() -> str | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            groups = [line.rstrip("\n").split(":", 2) for line in f]
+        with open("/proc/self/mountinfo") as f:
+            mounts = f.read().splitlines()
+    except OSError:
+        return None
+    v1 = next((path for _, ctl, path in groups if "pids" in ctl.split(",")), None)
+    v2 = next((path for hid, ctl, path in groups if hid == "0" and not ctl), None)
+    for mount in mounts:
+        left, _, right = mount.partition(" - ")
+        point, (fstype, _, *options) = left.split()[4], right.split()
+        if fstype == "cgroup" and v1 is not None and "pids" in options[0].split(","):
+            where = os.path.normpath(f"{point}/{v1}")
+        elif fstype == "cgroup2" and v2 is not None:
+            where = os.path.normpath(f"{point}/{v2}")
+            try:
+                with open(os.path.join(where, "cgroup.subtree_control")) as f:
+                    if "pids" not in f.read().split():
+                        continue
+            except OSError:
+                continue
+        else:
+            continue
+        if os.access(where, os.W_OK):
+            return where
+    return None
+
+
 def _inotify_limit() -> int:
     try:
         with open("/proc/sys/fs/inotify/max_user_watches") as f:
@@ -102,6 +156,7 @@ def capabilities() -> dict[str, dict[str, Any]]:
     root = os.geteuid() == 0
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     cgroups = cgroup_v2()
+    pids = pids_cgroup() if root or not userns else None
     return {
         "kernel": row(True, os.uname().release),
         "reaper_helper": reaper,
@@ -114,9 +169,12 @@ def capabilities() -> dict[str, dict[str, Any]]:
         "subreaper": row(True, "the reaper is PR_SET_CHILD_SUBREAPER: escapees come back"),
         "user_namespaces": row(userns, "unprivileged user namespaces", "none needed so far"),
         "process_cap": row(
-            userns and not root,
-            "RLIMIT_NPROC in a user namespace backs up limits.processes",
-            "root is exempt from RLIMIT_NPROC: the watcher alone counts processes"
+            (userns and not root) or pids is not None,
+            "RLIMIT_NPROC in a user namespace backs up limits.processes"
+            if userns and not root
+            else f"a pids cgroup under {pids} backs up limits.processes",
+            "root is exempt from RLIMIT_NPROC and no pids cgroup is writable: the watcher "
+            "alone counts processes"
             if root
             else "no user namespaces: the watcher alone counts processes",
         ),

@@ -11,6 +11,9 @@
  *   - forks the command, which in its own session applies the rlimits, a raised
  *     oom_score_adj and PR_SET_PDEATHSIG(SIGKILL) (its parent is this single-threaded
  *     process, so the "thread that forked" caveat does not apply), then execs;
+ *   - keeps the tree from undoing its limits: a seccomp filter refuses to set the rlimits
+ *     or the scheduling of another process (supervise and this reaper are the same uid),
+ *     and a root tree loses CAP_SYS_RESOURCE and CAP_SYS_PTRACE (bounding set included);
  *   - reports setup failures as "E step errno", the command's pid as
  *     "P pid pidfd scoped" (pidfd: it watches the supervisor through a pidfd; scoped: the
  *     tree cannot signal outside itself), its death as
@@ -19,20 +22,22 @@
  *     and "D own_cpu_us" when no descendant is left; all on the status fd, a socket
  *     (a pipe could be reopened through /proc/PID/fd by the tree, and forged);
  *   - obeys "s SIG" lines on the control fd (signal the whole tree, replying
- *     "s SIG pid..."; SIGKILL is repeated until the tree is empty);
+ *     "s SIG pid..."; SIGTERM is followed by SIGCONT, so a stopped process handles it;
+ *     SIGKILL is repeated until the tree is empty);
  *   - when the supervisor dies (pidfd of the parent readable, or EOF on the control
  *     fd) it SIGKILLs the whole tree, so nothing outlives supervise, even a SIGKILLed one.
  *
  * Arguments: key=value words, then "--", then the command:
  *   status=FD ctl=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N[:HARD]] [nofile=N] [oom=N]
  *   [nproc=N] [scope=1] [lfs=MASK] [lnet=MASK] [rule=MASK:PATH]... [netns=1|2]
- *   [cwd=DIR] [pass=FD]... -- argv...
+ *   [ipcns=1] [cgroup=DIR] [cwd=DIR] [pass=FD]... -- argv...
  *
  * scope=1 puts the command in a Landlock domain that scopes signals (ABI >= 6): nothing
  * of the tree can stop, kill or ptrace the reaper or the supervisor.  lfs and lnet are
  * the handled filesystem and network access masks of the same domain, and each rule
  * grants MASK beneath PATH (the supervisor computes masks for the kernel's ABI).  The
- * domain needs no_new_privs, so setuid binaries do not gain privileges in the tree.
+ * domain and the seccomp filter need no_new_privs (every run sets it), so setuid binaries
+ * do not gain privileges in the tree.
  *
  * netns puts the command in a new network namespace (only a loopback of its own, up),
  * entering a user namespace first when that is what it takes without privilege.
@@ -42,6 +47,11 @@
  * nproc=N puts the command in a new user namespace (mapping only its own uid and gid)
  * and sets RLIMIT_NPROC there: since Linux 5.14 the count is per namespace, so it
  * counts the tree's tasks only, not every process of the user on the host.
+ *
+ * ipcns=1 gives the command an IPC namespace of its own where it may (root, or in the
+ * user namespace above): SysV IPC and POSIX message queues then die with the tree.
+ * cgroup=DIR is a pids cgroup the supervisor made (pids.max set): the command joins it
+ * before exec, and this reaper removes it once the tree is empty.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -54,6 +64,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <stddef.h>
+#include <linux/audit.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <net/if.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
@@ -194,6 +209,13 @@ static int signal_tree(int sig, int report) {
         }
     }
     if (pending || (report && count == 0)) say("%s\n", line);
+    if (sig == SIGTERM) {
+        /* A stopped process would sit on its SIGTERM until SIGKILL and be named as
+         * ignoring it: continue it so its handler runs within grace (as systemd does). */
+        if (group) kill(-cmd_pid, SIGCONT);
+        for (int i = 1; i < n; i++)
+            if (pgids[i] >= 0 && !(group && pgids[i] == cmd_pid)) kill(pids[i], SIGCONT);
+    }
     return count;
 }
 
@@ -297,14 +319,169 @@ struct path_beneath {
     int parent_fd;
 } __attribute__((packed));
 
+/* A seccomp filter: the tree cannot change the limits or the scheduling of another
+ * process.  Same-uid processes may set each other's rlimits, nice value, policy, CPU
+ * affinity and I/O priority, and Landlock does not govern any of it: the tree could give
+ * supervise or this reaper RLIMIT_NOFILE 4 (the watcher goes blind), or make them
+ * SCHED_IDLE at nice 19 pinned to a busy CPU (measured: a 1 s deadline enforced after
+ * 5-12 s on a loaded machine).  What stays allowed: a process's own settings through pid
+ * 0 (setrlimit, nice(1), taskset or chrt starting a command, sched_setaffinity(0)) and
+ * reading anyone's.  What fails (EPERM): renice -p, taskset -p, chrt -p, prlimit --pid,
+ * and pthread_setaffinity_np / pthread_setschedparam, which name a thread by its tid.
+ * Returns 0 when the filter is in place. */
+#if defined(__x86_64__) || defined(__aarch64__)
+#define ARG_LO(i) (offsetof(struct seccomp_data, args) + 8 * (i))
+#define ARG_HI(i) (offsetof(struct seccomp_data, args) + 8 * (i) + 4)
+enum { TO_ALLOW = 1000, TO_DENY, TO_NEXT, TO_COMPAT }; /* symbolic jump targets */
+struct bpf {
+    struct sock_filter f[128];
+    int jt[128], jf[128]; /* a relative offset, or a TO_ target */
+    int n, block;         /* instructions so far; where the current block's NEXT points */
+};
+static void bpf_op(struct bpf *b, unsigned short code, unsigned k, int jt, int jf) {
+    b->f[b->n] = (struct sock_filter)BPF_JUMP(code, k, 0, 0);
+    b->jt[b->n] = jt;
+    b->jf[b->n] = jf;
+    b->n++;
+}
+#define LD(b, off) bpf_op(b, BPF_LD | BPF_W | BPF_ABS, (unsigned)(off), 0, 0)
+#define JEQ(b, k, jt, jf) bpf_op(b, BPF_JMP | BPF_JEQ | BPF_K, (unsigned)(k), jt, jf)
+/* Point the jumps to `label` from instructions [from, n) here. */
+static void bpf_label(struct bpf *b, int from, int label) {
+    for (int i = from; i < b->n; i++) {
+        if (b->jt[i] == label) b->jt[i] = b->n - i - 1;
+        if (b->jf[i] == label) b->jf[i] = b->n - i - 1;
+    }
+}
+/* The block that ends here: its NEXT jumps come here; the next block begins. */
+static void bpf_next(struct bpf *b) {
+    bpf_label(b, b->block, TO_NEXT);
+    b->block = b->n;
+}
+/* Syscall numbers of one table: prlimit64, then the calls that take a pid first, then
+ * setpriority and ioprio_set (which, who). */
+struct nrs { unsigned prlimit, pid_first[4], setpriority, ioprio_set; };
+static void bpf_table(struct bpf *b, const struct nrs *t, unsigned mask) {
+#define NR() do { LD(b, offsetof(struct seccomp_data, nr)); \
+        if (mask) bpf_op(b, BPF_ALU | BPF_AND | BPF_K, mask, 0, 0); } while (0)
+    NR();
+    JEQ(b, t->prlimit, 0, TO_NEXT);
+    LD(b, ARG_LO(0)); /* pid_t: the low word is all of it */
+    JEQ(b, 0, TO_ALLOW, 0);
+    LD(b, ARG_LO(2)); /* new_limit: NULL only reads */
+    JEQ(b, 0, 0, TO_DENY);
+    LD(b, ARG_HI(2));
+    JEQ(b, 0, TO_ALLOW, TO_DENY);
+    bpf_next(b);
+    for (int k = 0; k < 4; k++) {
+        NR();
+        JEQ(b, t->pid_first[k], 0, TO_NEXT);
+        LD(b, ARG_LO(0));
+        JEQ(b, 0, TO_ALLOW, TO_DENY);
+        bpf_next(b);
+    }
+    const unsigned who_user[2][2] = {{t->setpriority, 2 /* PRIO_USER */},
+                                     {t->ioprio_set, 3 /* IOPRIO_WHO_USER */}};
+    for (int k = 0; k < 2; k++) { /* who 0 is the caller (or its group); a user is not */
+        NR();
+        JEQ(b, who_user[k][0], 0, TO_NEXT);
+        LD(b, ARG_LO(1));
+        JEQ(b, 0, 0, TO_DENY);
+        LD(b, ARG_LO(0));
+        JEQ(b, who_user[k][1], TO_DENY, TO_ALLOW);
+        bpf_next(b);
+    }
+    bpf_op(b, BPF_JMP | BPF_JA, 0, 0, 0); /* k patched to ALLOW below */
+    b->jt[b->n - 1] = TO_ALLOW;
+    bpf_next(b);
+#undef NR
+}
+static int guard_other_processes(void) {
+    static const struct nrs native = {
+        SYS_prlimit64,
+        {SYS_sched_setscheduler, SYS_sched_setparam, SYS_sched_setattr, SYS_sched_setaffinity},
+        SYS_setpriority, SYS_ioprio_set};
+    struct bpf b;
+    memset(&b, 0, sizeof b);
+    LD(&b, offsetof(struct seccomp_data, arch));
+#if defined(__x86_64__)
+    /* x32 numbers are the 64-bit ones with bit 30 set: masked off, one table serves both */
+    JEQ(&b, AUDIT_ARCH_X86_64, 0, TO_COMPAT);
+    b.block = b.n;
+    bpf_table(&b, &native, ~0x40000000U);
+    bpf_label(&b, 0, TO_COMPAT);
+    /* int 0x80 from a 64-bit process reaches the i386 table */
+    static const struct nrs i386 = {340, {156, 154, 351, 241}, 97, 289};
+    LD(&b, offsetof(struct seccomp_data, arch));
+    JEQ(&b, AUDIT_ARCH_I386, 0, TO_ALLOW);
+    b.block = b.n;
+    bpf_table(&b, &i386, 0);
+#else
+    JEQ(&b, AUDIT_ARCH_AARCH64, 0, TO_ALLOW);
+    b.block = b.n;
+    bpf_table(&b, &native, 0);
+#endif
+    int deny = b.n, allow = b.n + 1;
+    bpf_op(&b, BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM, 0, 0);
+    bpf_op(&b, BPF_RET | BPF_K, SECCOMP_RET_ALLOW, 0, 0);
+    for (int i = 0; i < deny; i++) {
+        int *jt = &b.jt[i], *jf = &b.jf[i];
+        if (*jt == TO_ALLOW) *jt = allow - i - 1;
+        if (*jt == TO_DENY) *jt = deny - i - 1;
+        if (*jf == TO_ALLOW) *jf = allow - i - 1;
+        if (*jf == TO_DENY) *jf = deny - i - 1;
+        if (BPF_CLASS(b.f[i].code) == BPF_JMP && BPF_OP(b.f[i].code) == BPF_JA)
+            b.f[i].k = (unsigned)*jt;
+        else {
+            b.f[i].jt = (unsigned char)*jt;
+            b.f[i].jf = (unsigned char)*jf;
+        }
+    }
+    struct sock_fprog prog = {(unsigned short)b.n, b.f};
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0);
+}
+#else
+static int guard_other_processes(void) { errno = ENOSYS; return -1; }
+#endif
+
+/* A root tree keeps root, minus what would undo its limits: CAP_SYS_RESOURCE (raise its
+ * own hard rlimits) and CAP_SYS_PTRACE (read the non-dumpable reaper through /proc).
+ * Dropped from the bounding set too, so no exec gets them back.  Needs CAP_SETPCAP for
+ * the bounding set; without privilege there is nothing to drop. */
+static void drop_caps(void) {
+    const int drop[] = {CAP_SYS_RESOURCE, CAP_SYS_PTRACE};
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    for (size_t k = 0; k < sizeof drop / sizeof drop[0]; k++)
+        prctl(PR_CAPBSET_DROP, drop[k], 0, 0, 0);
+    if (syscall(SYS_capget, &hdr, data) != 0) return;
+    for (size_t k = 0; k < sizeof drop / sizeof drop[0]; k++) {
+        unsigned bit = 1U << (drop[k] % 32);
+        data[drop[k] / 32].effective &= ~bit;
+        data[drop[k] / 32].permitted &= ~bit;
+        data[drop[k] / 32].inheritable &= ~bit;
+    }
+    syscall(SYS_capset, &hdr, data);
+}
+
+/* Join the pids cgroup the supervisor made (pids.max caps the tree's tasks, threads
+ * included, where RLIMIT_NPROC cannot: root is exempt from it).  Best effort: the
+ * supervisor checks /proc/PID/cgroup for the evidence. */
+static void join_cgroup(const char *dir) {
+    char path[4200], pid[32];
+    snprintf(path, sizeof path, "%s/cgroup.procs", dir);
+    snprintf(pid, sizeof pid, "%d\n", (int)getpid());
+    write_file(path, pid);
+}
+
 int main(int argc, char **argv) {
     pid_t ppid = 0;
     long long cpu_hard = -1, as = -1, fsize = -1, nofile = -1, nproc = -1, oom = -1000000;
     long long fsize_hard = -1;
     unsigned long long lfs = 0, lnet = 0, lnetfb = 0;
-    int scope = 0, netns = 0, nrules = 0;
+    int scope = 0, netns = 0, ipcns = 0, nrules = 0;
     const char *rules[MAX_RULES];
-    const char *cwd = NULL;
+    const char *cwd = NULL, *cgroup = NULL;
     int pass[MAX_PASS], npass = 0, i;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
         char *a = argv[i];
@@ -321,6 +498,8 @@ int main(int argc, char **argv) {
         else if (!strncmp(a, "lnetfb=", 7)) lnetfb = strtoull(a + 7, NULL, 0);
         else if (!strncmp(a, "rule=", 5) && nrules < MAX_RULES && strchr(a, ':')) rules[nrules++] = a + 5;
         else if (!strncmp(a, "netns=", 6)) netns = atoi(a + 6);
+        else if (!strncmp(a, "ipcns=", 6)) ipcns = atoi(a + 6);
+        else if (!strncmp(a, "cgroup=", 7)) cgroup = a + 7;
         else if (!strncmp(a, "nofile=", 7)) nofile = atoll(a + 7);
         else if (!strncmp(a, "oom=", 4)) oom = atoll(a + 4);
         else if (!strncmp(a, "nproc=", 6)) nproc = atoll(a + 6);
@@ -390,6 +569,7 @@ int main(int argc, char **argv) {
         if (setsid() < 0) fail_child(errpipe[1], "setsid");
         if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail_child(errpipe[1], "pdeathsig");
         if (getppid() != me) _exit(125);
+        if (cgroup) join_cgroup(cgroup);
         if (oom > -1000000) {
             int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
             if (fd >= 0) {
@@ -442,6 +622,11 @@ int main(int argc, char **argv) {
             else if (netns == 2 && lnetfb) lnet = lnetfb;
             else fail_child(errpipe[1], "netns");
         }
+        /* SysV shared memory, semaphores and POSIX message queues of the tree's own: they
+         * go with its last process instead of outliving the run.  Needs privilege (root,
+         * or a user namespace entered above); without it the tree shares the host's. */
+        if (ipcns) unshare(CLONE_NEWIPC);
+        drop_caps();
         if (scope || lfs || lnet) {
             struct { unsigned long long fs, net, scoped; } attr = {
                 lfs, lnet, scope ? LANDLOCK_SCOPE_SIGNAL_BIT : 0};
@@ -479,6 +664,10 @@ int main(int argc, char **argv) {
             if (syscall(SYS_landlock_restrict_self, rfd, 0) != 0) fail_child(errpipe[1], "landlock");
             close(rfd);
         }
+        /* The filter needs no_new_privs; the Landlock domain above has set it already. */
+        if (!prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)) prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        if (guard_other_processes() != 0 && errno != ENOSYS && errno != EINVAL)
+            fail_child(errpipe[1], "seccomp");
         if (cwd && chdir(cwd) != 0) fail_child(errpipe[1], "chdir");
         sigset_t none;
         sigemptyset(&none);
@@ -552,6 +741,9 @@ int main(int argc, char **argv) {
          * may outlive it. */
         if (orphaned || killing) signal_tree(SIGKILL, 0);
     }
+    /* The tree is empty: its pids cgroup goes too (the supervisor tries again, in case
+     * this process is killed first). */
+    if (cgroup) rmdir(cgroup);
     say("D %lld\n", self_cpu_us());
     return 0;
 }

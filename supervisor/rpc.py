@@ -16,7 +16,12 @@ one call handles at most ``max_requests`` requests, round-robin over the connect
 flood never starves enforcement or the other children.
 
 Bad input gets a JSON-RPC error reply and an ``on_error(code, message, excerpt)`` callback
-(rate-limited, for ``rpc_error`` audit events), and never reaches the backend.
+(rate-limited, for ``rpc_error`` audit events), and never reaches the backend.  A response
+object (``result`` or ``error``, no ``method``) is reported but never answered, as JSON-RPC
+says: a child that hands the server both ends of one socket (or its own end back) would
+otherwise have it answer its own replies forever.  One call also stops handling requests
+after ``max_busy`` seconds (a ledger that waits on a lock must not hold the run loop for
+a whole batch); the rest are handled at the next wake-up.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class RpcServer:
         max_line: int = 1 << 20,
         max_outbound: int = 1 << 20,
         max_requests: int = 32,
+        max_busy: float = 0.02,
         max_connections: int = 64,
         errors_per_second: float = 5.0,
         error_burst: int = 20,
@@ -85,6 +91,7 @@ class RpcServer:
         self.max_outbound = max_outbound
         self.high_water = max(max_outbound // 4, _CHUNK)  # stop reading a conn above this
         self.max_requests = max_requests
+        self.max_busy = max_busy
         self.max_connections = max_connections
         self._rate = errors_per_second
         self._burst = float(error_burst)
@@ -97,6 +104,7 @@ class RpcServer:
         self._epoll.register(self._wake, select.EPOLLIN)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._child: socket.socket | None = child
+        self._child_ino = os.fstat(child.fileno()).st_ino  # never adopted back: see _adopt_fds
         self._adopt(parent)
 
     # -- what the run loop calls -------------------------------------------------------
@@ -175,11 +183,22 @@ class RpcServer:
         """Bytes held for all connections, in and out (bounded; for gauges and tests)."""
         return sum(len(c.inbuf) + c.pending + len(c.out) for c in self._conns.values())
 
-    def close(self) -> None:
-        """Close every connection and fd; a summary of suppressed errors goes out first."""
+    def flush_errors(self) -> None:
+        """Report now how many errors were not reported one by one (if any)."""
         if self._suppressed:
-            self._tokens = 1.0
+            self._tokens = max(self._tokens, 1.0)
             self._error(j.SERVER_ERROR, "end of run", "")
+
+    def close(self) -> None:
+        """Close every connection and fd; a summary of suppressed errors goes out first.
+
+        Never raises: the run may already have closed what ``on_error`` writes to (its
+        audit log) when it closes the server; call ``flush_errors()`` before that.
+        """
+        try:
+            self.flush_errors()
+        except Exception:  # the summary is lost; the end of the run is not
+            self._suppressed = 0
         for conn in list(self._conns.values()):
             self._drop(conn)
         self.close_child_end()
@@ -214,6 +233,9 @@ class RpcServer:
             if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
                 sock.close()
                 self._error(j.SERVER_ERROR, "attach: not a unix stream socket", "")
+            elif os.fstat(sock.fileno()).st_ino == self._child_ino:
+                sock.close()
+                self._error(j.SERVER_ERROR, "attach: supervise's own socket sent back", "")
             elif len(self._conns) >= self.max_connections:
                 sock.close()
                 self._error(j.SERVER_ERROR, f"attach: more than {self.max_connections}", "")
@@ -294,7 +316,8 @@ class RpcServer:
 
     def _handle_backlog(self) -> None:
         budget = self.max_requests
-        while budget > 0:
+        until = time.monotonic() + self.max_busy
+        while budget > 0 and time.monotonic() < until:
             ready = [c for c in self._conns.values() if c.lines and len(c.out) <= self.high_water]
             if not ready:
                 return
@@ -303,7 +326,7 @@ class RpcServer:
                 conn.pending -= len(piece)
                 self._handle(conn, piece)
                 budget -= 1
-                if budget == 0:
+                if budget == 0 or time.monotonic() >= until:
                     return
 
     def _settle(self) -> None:
@@ -351,6 +374,11 @@ class RpcServer:
         if not isinstance(msg, dict):
             what = "batches are not supported" if isinstance(msg, list) else "not an object"
             self._reply_error(conn, None, j.INVALID_REQUEST, f"invalid request: {what}", raw)
+            return
+        if "method" not in msg and ("result" in msg or "error" in msg):
+            # A response: never answered, or two of our own ends would talk forever.
+            excerpt = raw[:_EXCERPT].decode("utf-8", "replace")
+            self._error(j.INVALID_REQUEST, "a response sent to supervise (not answered)", excerpt)
             return
         rid = msg.get("id")
         if not (rid is None or _valid_id(rid)):

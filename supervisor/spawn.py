@@ -180,6 +180,8 @@ def spawn(
     except OSError as e:
         os.close(ours)
         os.close(theirs)
+        if e.errno == _errno.E2BIG:  # the helper carries the command's argv and environment
+            raise _too_big(argv, env) from None
         raise HelperError(f"cannot start the reaper helper {reaper}: {e.strerror}") from e
     os.close(theirs)
     child = Child(reaper_pid, ours)
@@ -229,6 +231,8 @@ def _setup_error(line: bytes, argv: list[str], rlimits: list[str]) -> SpawnError
     if step == "exec":
         if err in (_errno.ENOENT, _errno.ENOTDIR):
             return CommandNotFound(f"{argv[0]}: command not found", step=step, errno=err)
+        if err == _errno.E2BIG:
+            return _too_big(argv, None)
         return CommandNotExecutable(f"{argv[0]}: cannot execute: {reason}", step=step, errno=err)
     if step in _STEP_LIMIT:
         limit, name = _STEP_LIMIT[step]
@@ -243,6 +247,22 @@ def _setup_error(line: bytes, argv: list[str], rlimits: list[str]) -> SpawnError
     if step == "chdir":
         return SpawnError(f"cannot enter the working directory: {reason}", step=step, errno=err)
     return SpawnError(f"setting up the child failed at {step}: {reason}", step=step, errno=err)
+
+
+def _too_big(argv: list[str], env: dict[str, str] | None) -> CommandNotExecutable:
+    """E2BIG, said so that the user knows which of their inputs to shrink."""
+    args = sum(len(os.fsencode(a)) + 1 for a in argv)
+    where = f"{args} bytes of arguments"
+    if env is not None:
+        where += f" and {sum(len(k) + len(v) + 2 for k, v in env.items())} of environment"
+    per_string = 32 * os.sysconf("SC_PAGE_SIZE")  # MAX_ARG_STRLEN
+    name = argv[0] if len(argv[0]) <= 64 else argv[0][:61] + "..."
+    return CommandNotExecutable(
+        f"{name}: cannot execute: argument list too long (E2BIG: {where}; this system "
+        f"allows {os.sysconf('SC_ARG_MAX')} bytes in all and {per_string} per string)",
+        step="exec",
+        errno=_errno.E2BIG,
+    )
 
 
 def _hard_limit(name: str) -> str:

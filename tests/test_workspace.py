@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -395,24 +396,67 @@ def test_one_writer_stops_at_the_quota_within_one_block() -> None:
     assert result.violation.observed - 8 * MiB <= 8 * KiB
 
 
-def test_four_writers_in_parallel_are_stopped_near_the_quota() -> None:
-    """Four processes writing small files at once: stopped within 5% past the quota."""
-    code = (
-        "import os\n"
-        "for w in range(4):\n"
-        "    if os.fork() == 0:\n"
-        "        i = 0\n"
-        "        while True:\n"
-        "            with open(f'w{w}-{i}', 'wb') as f: f.write(b'x' * 4096)\n"
-        "            i += 1\n"
-        "os.wait()\n"
-    )
+FOUR_WRITERS = (
+    "import os, signal\n"
+    "for w in range(4):\n"
+    "    if os.fork() == 0:\n"
+    "        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "        i = 0\n"
+    "        while True:\n"
+    "            try:\n"
+    "                with open(f'w{w}-{i}', 'wb') as f: f.write(b'x' * 4096)\n"
+    "            except OSError:\n"
+    "                pass\n"
+    "            i += 1\n"
+    "os.wait()\n"
+)
+
+
+def disk_used(path: Path) -> int:
+    """Allocated bytes under ``path``, as the quota counts them."""
+    return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
+
+
+def test_four_writers_in_parallel_are_stopped_near_the_quota(tmp_path: Path) -> None:
+    """Four processes writing small files at once (ignoring SIGTERM, so writing on through
+    grace): seen within 5% past the quota, and the disk used stays there."""
+    ws = tmp_path / "ws"
     policy = Policy.from_dict(
-        {"workspace": {"quota": "20MiB", "max_files": None, "max_file_size": None}}
-    )
-    result = Supervisor(policy).run(python(code))
+        {
+            "grace": "1s",
+            "workspace": {
+                "path": str(ws), "quota": "20MiB", "max_files": None, "max_file_size": None
+            },
+        }
+    )  # fmt: skip
+    result = Supervisor(policy).run(python(FOUR_WRITERS))
     assert result.exit_code == 124 and result.violation.limit == "storage"
     assert result.violation.observed <= 20 * MiB * 1.05
+    assert disk_used(ws) <= 20 * MiB * 1.05
+
+
+def test_quota_holds_while_the_run_loop_is_stalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every audit line taking 300 ms (an fsync on a busy disk, injected) holds up the run
+    loop, not the quota: growth stops within 5% past it, before the violation is logged."""
+    from supervisor import audit
+
+    slow = audit.AuditLog.append
+
+    def stalled(self: Any, event: str, **kw: Any) -> Any:
+        time.sleep(0.3)
+        return slow(self, event, **kw)
+
+    monkeypatch.setattr(audit.AuditLog, "append", stalled)
+    ws = tmp_path / "ws"
+    policy = Policy.from_dict(
+        {"workspace": {"path": str(ws), "quota": "20MiB", "max_files": None, "max_file_size": None}}
+    )
+    result = Supervisor(policy).run(python(FOUR_WRITERS))
+    assert result.exit_code == 124 and result.violation.limit == "storage"
+    assert result.violation.observed <= 20 * MiB * 1.05
+    assert disk_used(ws) <= 20 * MiB * 1.05
 
 
 def test_sparse_file_counts_what_it_occupies() -> None:

@@ -1,12 +1,15 @@
 """The SQLite ledger store: one file (WAL) shared by every supervise on the machine.
 
 Each operation is one ``BEGIN IMMEDIATE`` transaction. Writers queue on ``flock`` of a side
-file (``budget.db.lock``) before they begin: the kernel wakes a blocked waiter as soon as the
-lock is free, where SQLite's own busy handler sleeps and retries and was measured starving a
-waiting writer for 0.7 s. ``synchronous=NORMAL`` in WAL mode: a commit survives a crash of
-the process (what SPEC asks: committed spend survives a supervisor crash); only an OS crash
-or power cut may lose the last commits, never corrupt the file. Checkpoints (the only fsyncs)
-run after the write lock is released, never inside another writer's wait.
+file (``budget.db.lock``) before they begin, where SQLite's own busy handler sleeps up to
+100 ms between tries and was measured starving a waiting writer for 0.7 s.  No wait is
+unbounded: any process that can read the file can lock it (a jailed tree can read it), and
+a supervisor waiting there enforces nothing, so after ``LOCK_WAIT`` seconds (the lock, or
+SQLite's own locks) the operation fails with StoreUnavailable: a denial, never free spend.
+``synchronous=NORMAL`` in WAL mode: a commit survives a crash of the process (what SPEC
+asks: committed spend survives a supervisor crash); only an OS crash or power cut may lose
+the last commits, never corrupt the file. Checkpoints (the only fsyncs) run after the write
+lock is released, never inside another writer's wait.
 
 Tables: ``scopes`` (used and held per agent and scope id: ``run:ID``, ``session:ID``,
 ``daily:2026-11-23``, ``monthly:2026-11``), ``reservations`` (durable holds with their
@@ -94,6 +97,7 @@ _CHECKPOINT_EVERY = 250  # commits of this process (~1000 WAL pages), or a secon
 # on the reserve path, and always before a denial and in usage(): until then an expired hold
 # only holds more than it will cost, so sweeping late never grants what sweeping early denies.
 _SWEEP_EVERY = 1.0
+LOCK_WAIT = 2.0  # seconds: longest wait for the write lock (the Redis store's timeout too)
 _KEEP_FINISHED = 7 * 86400.0  # finished holds answer idempotent retries this long
 
 
@@ -129,7 +133,7 @@ class SQLiteStore:
                 self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
             self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30
+                self.path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT
             )
             self._db.execute("PRAGMA synchronous=NORMAL")
             # SQLite would checkpoint (copy the WAL into the file, fsync) inside the COMMIT that
@@ -137,7 +141,7 @@ class SQLiteStore:
             # for the fsync (~12 ms measured). We checkpoint after releasing the lock instead.
             self._db.execute("PRAGMA wal_autocheckpoint=0")
             if not self._has_schema():
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                self._lock()
                 try:
                     self._db.executescript(_SCHEMA)  # its own transaction; IF NOT EXISTS
                     self._db.execute("PRAGMA journal_mode=WAL")  # a no-op if it is already
@@ -175,9 +179,7 @@ class SQLiteStore:
             yield db
             return
         with self._thread_lock:
-            start = time.perf_counter()
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            waited = time.perf_counter() - start
+            waited = self._lock()
             if waited > self.waited_max:
                 self.waited_max = waited
             try:
@@ -195,6 +197,34 @@ class SQLiteStore:
         self._commits += 1
         if self._commits >= _CHECKPOINT_EVERY or time.monotonic() - self._checkpointed > 1.0:
             self._checkpoint()
+
+    def _lock(self) -> float:
+        """flock(LOCK_EX) of the lock file within LOCK_WAIT; the seconds waited.
+
+        Uncontended, one syscall.  Contended, it polls (0.1 ms, doubling to 1 ms): a
+        blocking flock cannot time out, and its holder may be a hostile process that
+        never lets go.
+        """
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return 0.0
+        except BlockingIOError:
+            pass
+        start = time.perf_counter()
+        delay = 0.0001
+        while True:
+            time.sleep(delay)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return time.perf_counter() - start
+            except BlockingIOError:
+                if time.perf_counter() - start >= LOCK_WAIT:
+                    raise StoreUnavailable(
+                        self.url,
+                        f"{self.path}.lock was held for more than {LOCK_WAIT:g} s",
+                        hint="a process holds the ledger's lock: find it with fuser",
+                    ) from None
+                delay = min(2 * delay, 0.001)
 
     def _checkpoint(self) -> None:
         """Copy the WAL into the file outside the write lock (PASSIVE: it waits for no one)."""
