@@ -164,7 +164,10 @@ def run_cli(args: list[str]) -> int:
 
 
 def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
+    from ._linux import make_undumpable
     from .supervisor import Supervisor
+
+    make_undumpable()  # a same-uid tree cannot read our /proc/PID/environ (its withheld env)
 
     sup = Supervisor(plan, audit=opts.get("audit"))
     run = sup.start(command, agent=opts.get("agent"), session=opts.get("session"))

@@ -180,6 +180,7 @@ class Run:
         self._reaper_cpu = 0.0
         self._warned_limits: set[str] = set()
         self._alerted: set[tuple[str, float]] = set()
+        self._deny_tokens, self._deny_stamp, self._denied_quietly = 20.0, time.monotonic(), 0
         # Called after each tree sample with (usage, current values): --live uses it.
         self.on_sample: Callable[[Usage, dict[str, float]], object] | None = None
         self.error: SupervisorError | None = None
@@ -336,6 +337,19 @@ class Run:
     # -- what the budget backend tells the run (_backend.RunEvents) --------------------
 
     def budget_denied(self, error: BudgetError | StoreUnavailable) -> None:
+        # A child may ask again and again: a burst of 20 lines, then 5 a second, and the
+        # next line logged counts those that were not (the audit log is outside the quota).
+        now = time.monotonic()
+        self._deny_tokens = min(20.0, self._deny_tokens + (now - self._deny_stamp) * 5.0)
+        self._deny_stamp = now
+        if self._deny_tokens < 1.0:
+            self._denied_quietly += 1
+            return
+        self._deny_tokens -= 1.0
+        detail = str(error)
+        if self._denied_quietly:
+            detail += f" ({self._denied_quietly} more denials not logged one by one)"
+            self._denied_quietly = 0
         used = getattr(error, "used", None)
         observed = used if isinstance(used, int) else None if used is None else float(used)
         value = getattr(error, "limit_value", None)
@@ -345,7 +359,7 @@ class Run:
             observed=observed,
             limit_value=value if isinstance(value, int) or value is None else float(value),
             action="deny",
-            detail=str(error),
+            detail=detail,
         )
 
     def budget_breached(self, error: BudgetExceeded) -> None:
@@ -735,6 +749,7 @@ class Run:
         violation = Violation(limit, observed, value, message)
         if kill:
             res.violation = violation
+            self._stop(sweep=False)  # first: an fsync'd audit line may take 100 ms or more
         else:
             self._warned_limits.add(limit)
             if res.violation is None:
@@ -748,8 +763,6 @@ class Run:
             action="kill" if kill else "warn",
             detail=message,
         )
-        if kill:
-            self._stop(sweep=False)
         # After the stop has begun: the hook runs on the hook thread and cannot delay it.
         self.hooks.call("on_violation", self.sup.on_violation, violation)
 
@@ -864,7 +877,10 @@ class Run:
                 v.message += f"; killed {killed} process{'es' if killed != 1 else ''}"
             ignored = sorted(self._kill_pids & self._term_pids)
             if ignored:
-                v.message += f" ({', '.join(map(str, ignored))} ignored SIGTERM)"
+                shown = ", ".join(map(str, ignored[:10]))
+                if len(ignored) > 10:
+                    shown += f" and {len(ignored) - 10} more"
+                v.message += f" ({shown} ignored SIGTERM)"
         elif res.returncode is not None and res.returncode < 0:
             res.status = "violation" if v is not None else "signaled"
             res.exit_code = 128 - res.returncode
@@ -933,6 +949,8 @@ class Run:
         """Every hook has run (``on_end`` last), then the ``run_end`` line closes the run."""
         self.hooks.drain()
         self.hooks.call_now("on_end", self.sup.on_end, res)
+        if self.rpc is not None:
+            self.rpc.flush_errors()  # while the audit log is open: close() is too late
         if self.audit is not None:
             detail: dict[str, Any] = {
                 "exit_code": res.exit_code,
