@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal, InvalidOperation
@@ -19,6 +20,8 @@ from .audit import log_files, read_events
 __all__ = ["AgentSummary", "follow", "format_summary", "summarize"]
 
 NO_AGENT = "-"  # the row of runs that named no agent
+# A flood of denials is logged 5 a second; the next line logged counts the rest.
+_MORE_DENIALS = re.compile(r"\((\d+) more denials not logged one by one\)")
 
 
 class AgentSummary:
@@ -90,7 +93,9 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[AgentSummary]:
         elif event == "warning":
             row.warnings += 1
         elif event == "denied":
-            row.denied += 1
+            more = _MORE_DENIALS.search(str(record.get("detail") or ""))
+            own = 0 if record.get("action") == "suppressed" else 1  # the count at a run's end
+            row.denied += own + (int(more.group(1)) if more else 0)
         elif event == "rpc_error":
             row.rpc_errors += 1
         elif event == "unsettled":

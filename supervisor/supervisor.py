@@ -951,6 +951,15 @@ class Run:
         self.hooks.call_now("on_end", self.sup.on_end, res)
         if self.rpc is not None:
             self.rpc.flush_errors()  # while the audit log is open: close() is too late
+        if self._denied_quietly and self.audit is not None:
+            try:  # the count of denials not logged one by one, so the log's total is exact
+                self._log(
+                    "denied",
+                    action="suppressed",  # a count, not a denial of its own
+                    detail=f"({self._denied_quietly} more denials not logged one by one)",
+                )
+            except SupervisorError:
+                pass
         if self.audit is not None:
             detail: dict[str, Any] = {
                 "exit_code": res.exit_code,

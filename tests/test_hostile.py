@@ -23,6 +23,7 @@ import pytest
 from conftest import GLOBAL_TIMEOUT, python, supervise, tagged_pids
 
 from supervisor import Policy, Supervisor
+from supervisor._audit_view import summarize
 from supervisor._linux import landlock_abi
 from supervisor.audit import read_events, verify
 
@@ -573,12 +574,13 @@ DENIED_FLOOD = """
 import time
 from supervisor import client
 b = client.connect()
-end = time.monotonic() + 2
+end, n = time.monotonic() + 2, 0
 while time.monotonic() < end:
     try:
         b.call("reserve", {"model": "m1", "input_tokens": 10**9, "max_output_tokens": 0})
     except client.BudgetExceeded:
-        pass
+        n += 1
+print(n)
 """
 
 
@@ -587,10 +589,17 @@ def test_a_flood_of_denied_reservations_cannot_fill_the_disk(
 ) -> None:
     """Two seconds of reservations that are all denied: the audit log grows by a bounded
     number of lines (a burst, then a few a second), not one per request."""
-    result = Supervisor(budget_policy(tmp_path)).run(python(DENIED_FLOOD))
+    r, w = os.pipe()
+    with os.fdopen(r) as reader:
+        result = Supervisor(budget_policy(tmp_path)).run(python(DENIED_FLOOD), stdout=w)
+        os.close(w)
+        n = int(reader.read())
     assert result.exit_code == 0
     denied = [e for e in read_events(audit_log) if e["event"] == "denied"]
-    assert len(denied) <= 20 + 5 * result.usage.wall_time + 2, len(denied)
+    assert len(denied) <= 20 + 5 * result.usage.wall_time + 3, len(denied)
+    assert n > len(denied)  # a flood, logged in part
+    (row,) = summarize(read_events(audit_log))
+    assert row.denied == n  # the summary counts those not logged one by one too
 
 
 # -- supervise's files ---------------------------------------------------------------------
