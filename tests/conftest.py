@@ -108,6 +108,44 @@ def supervise(
     )
 
 
+def run_together(argvs: list[list[str]], env: dict[str, str] | None = None) -> None:
+    """Start processes that print "ready" and wait for a line on stdin; release them at
+    once (so what they do really overlaps) and check that each exits 0."""
+    procs = [
+        subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for argv in argvs
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in procs:
+            p.communicate(timeout=GLOBAL_TIMEOUT)
+            assert p.returncode == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def fresh_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty ledger store: a SQLite file of this test, or a redis-server of
+    its own on loopback."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/budget.db"
+        return
+    server = RedisServer()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     import socket

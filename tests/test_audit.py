@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_together
 
 from supervisor import audit
 from supervisor.audit import (
@@ -280,31 +281,7 @@ with AuditLog(sys.argv[1]) as log:
 def test_concurrent_writers_keep_one_chain(log_path: Path) -> None:
     """Four processes appending 200 lines each at once give 800 whole, chained lines."""
     log_path.parent.mkdir()
-    procs = [
-        subprocess.Popen(
-            python(WRITER, str(log_path), f"w{i}", "200"),
-            env=child_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(4)
-    ]
-    try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        for p in procs:  # release them together so their appends really overlap
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        for p in procs:
-            p.communicate(timeout=GLOBAL_TIMEOUT)
-            assert p.returncode == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    run_together([python(WRITER, str(log_path), f"w{i}", "200") for i in range(4)], child_env())
     report = verify(log_path)
     assert report.ok, report
     assert report.count == 800

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise, wait_until
+from conftest import GLOBAL_TIMEOUT, python, run_together, supervise, wait_until
 
 from supervisor import audit
 from supervisor.audit import AuditLog, log_files, read_events, verify
@@ -87,31 +87,7 @@ def test_concurrent_writers_across_rotations_lose_nothing(tmp_path: Path) -> Non
     once, whole, and the rotated files verify as one chain."""
     path = tmp_path / "audit.jsonl"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [
-        subprocess.Popen(
-            [*python(WRITER), str(path), f"w{i}", "150", "8192"],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(4)
-    ]
-    try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        for p in procs:
-            p.communicate(timeout=GLOBAL_TIMEOUT)
-            assert p.returncode == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    run_together([[*python(WRITER), str(path), f"w{i}", "150", "8192"] for i in range(4)], env)
     files = log_files(path)
     assert len(files) > 5
     assert verify(files) == audit.VerifyReport(True, 600)

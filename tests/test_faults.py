@@ -34,30 +34,22 @@ time.sleep(60)
 """
 
 
-def daily(store_url: str, agent: str) -> dict[str, Any]:
-    done = supervise("budget", "status", "--agent", agent, "--store", store_url, "--json")
+def daily(fresh_store: str, agent: str) -> dict[str, Any]:
+    done = supervise("budget", "status", "--agent", agent, "--store", fresh_store, "--json")
     assert done.returncode == 0, done.stderr
     return next(s for s in json.loads(done.stdout)["scopes"] if s["scope"] == "daily")["usd"]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/budget.db"
-        return
-    server = RedisServer()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-def test_supervise_sigkilled_holds_settled_by_the_next_run(store_url: str, tmp_path: Path) -> None:
+def test_supervise_sigkilled_holds_settled_by_the_next_run(
+    fresh_store: str, tmp_path: Path
+) -> None:
     """supervise SIGKILLed with a hold open: the tree dies; the hold stays held until the
     next run of the agent starts, which charges it its input estimate (an `unsettled` line
     naming the dead run); the audit chain still verifies."""
     policy = tmp_path / "p.yaml"
-    policy.write_text(json.dumps({"version": 1, "budget": {"store": store_url, "pricing": PRICES}}))
+    policy.write_text(
+        json.dumps({"version": 1, "budget": {"store": fresh_store, "pricing": PRICES}})
+    )
     log = tmp_path / "audit.jsonl"
     args = [sys.executable, "-m", "supervisor", "-q", "-p", str(policy), "--audit", str(log)]
     proc = subprocess.Popen([*args, "--agent", "a", *python(HOLD_AND_HANG)], stdout=subprocess.PIPE)
@@ -67,10 +59,10 @@ def test_supervise_sigkilled_holds_settled_by_the_next_run(store_url: str, tmp_p
     proc.kill()
     proc.wait(timeout=GLOBAL_TIMEOUT)
     proc.stdout.close()
-    assert daily(store_url, "a")["held"] == 0.003  # 1000 in + 1000 out, still held
+    assert daily(fresh_store, "a")["held"] == 0.003  # 1000 in + 1000 out, still held
     done = supervise("-q", "-p", str(policy), "--audit", str(log), "--agent", "a", "true")
     assert done.returncode == 0, done.stderr
-    usd = daily(store_url, "a")
+    usd = daily(fresh_store, "a")
     assert (usd["held"], usd["used"]) == (0, 0.001)  # charged its input estimate
     unsettled = [e for e in read_events(log) if e["event"] == "unsettled"]
     assert len(unsettled) == 1 and unsettled[0]["run_id"] == dead_run

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, RedisServer, python, supervise
+from conftest import GLOBAL_TIMEOUT, python, supervise
 
 from supervisor.audit import read_events, verify
 
@@ -34,20 +33,8 @@ while True:
 """
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/budget.db"
-        return
-    server = RedisServer()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 @pytest.mark.slow
-def test_fifty_runs_share_one_daily_budget(store_url: str, tmp_path: Path) -> None:
+def test_fifty_runs_share_one_daily_budget(fresh_store: str, tmp_path: Path) -> None:
     """50 runs of one agent at once, each spending until denied: the day's spend never
     passes its limit, the runs' own totals add up to the ledger's, every run has its
     run_start and run_end in one intact chain."""
@@ -58,7 +45,7 @@ def test_fifty_runs_share_one_daily_budget(store_url: str, tmp_path: Path) -> No
                 "version": 1,
                 "agent": "crowd",
                 "limits": {"wall_time": "120s"},
-                "budget": {"store": store_url, "pricing": PRICES, "daily": {"usd": DAILY}},
+                "budget": {"store": fresh_store, "pricing": PRICES, "daily": {"usd": DAILY}},
             }
         )
     )
@@ -75,13 +62,13 @@ def test_fifty_runs_share_one_daily_budget(store_url: str, tmp_path: Path) -> No
         results.append(json.loads(out.splitlines()[-1]))
     spent = sum(Decimal(str(r["usage"]["usd"])) for r in results)
     calls = sum(r["usage"]["api_calls"] for r in results)
-    status = supervise("budget", "status", "--agent", "crowd", "--store", store_url, "--json")
+    status = supervise("budget", "status", "--agent", "crowd", "--store", fresh_store, "--json")
     day = next(s for s in json.loads(status.stdout)["scopes"] if s["scope"] == "daily")
     used, held = Decimal(str(day["usd"]["used"])), Decimal(str(day["usd"]["held"]))
     assert used <= Decimal(DAILY) and held == 0  # zero overspend, no hold left behind
     assert used == spent == Decimal("0.002") * calls
     assert calls >= 25  # the budget was used, not refused wholesale (30 fit; holds race)
-    report = json.loads(supervise("report", "--store", store_url, "--json").stdout)
+    report = json.loads(supervise("report", "--store", fresh_store, "--json").stdout)
     assert report["total"]["usd_micro"] == int(used * 1_000_000)
     assert verify(log).ok
     records = list(read_events(log))

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServer, python, supervise
+from conftest import python, supervise
 
 from supervisor import Policy, Supervisor
 from supervisor._audit_view import summarize
@@ -117,21 +116,8 @@ def expected(by: str) -> dict[str, tuple[int, int, int, int]]:
     return {name: (r[0], r[1], r[2], r[3]) for name, r in sums.items()}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh ledger: a SQLite file of this test, or a real redis-server on loopback."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/budget.db"
-        return
-    server = RedisServer()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def history(store_url: str, tmp_path: Path) -> tuple[str, Path]:
+def history(fresh_store: str, tmp_path: Path) -> tuple[str, Path]:
     """The runs of RUNS, supervised for real; (store URL, audit log)."""
     log = tmp_path / "audit.jsonl"
     for run in RUNS:
@@ -139,22 +125,22 @@ def history(store_url: str, tmp_path: Path) -> tuple[str, Path]:
             {
                 "limits": run.get("set", {}),
                 "grace": "100ms",
-                "budget": {"store": store_url, "pricing": PRICES, "run": {"usd": "0.1"}},
+                "budget": {"store": fresh_store, "pricing": PRICES, "run": {"usd": "0.1"}},
             }
         )
         result = Supervisor(policy, audit=log).run(
             [*python(AGENT), json.dumps(run["steps"])], agent=run["agent"], session=run["session"]
         )
         assert result.exit_code == (124 if run["agent"] == "coder" else 0), result.violation
-    return store_url, log
+    return fresh_store, log
 
 
 @pytest.mark.parametrize("by", ["agent", "model", "label", "session"])
 def test_report_matches_the_calls_made(history: tuple[str, Path], by: str) -> None:
     """supervise report --json: each group's calls, tokens and exact USD are what the runs
     spent (released and denied calls cost nothing; a hold left open costs its estimate)."""
-    store_url, _ = history
-    done = supervise("report", "--store", store_url, "--json", "--by", by)
+    url, _ = history
+    done = supervise("report", "--store", url, "--json", "--by", by)
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     got = {
@@ -170,19 +156,19 @@ def test_report_matches_the_calls_made(history: tuple[str, Path], by: str) -> No
 
 def test_report_total_is_the_ledgers_own(history: tuple[str, Path]) -> None:
     """Per agent, the report's total equals the day's USD used in the ledger's scopes."""
-    store_url, _ = history
-    doc = json.loads(supervise("report", "--store", store_url, "--json").stdout)
+    url, _ = history
+    doc = json.loads(supervise("report", "--store", url, "--json").stdout)
     by_agent = {row["name"]: Decimal(row["usd_micro"]) / 1_000_000 for row in doc["by"]["agent"]}
     for agent, usd in by_agent.items():
-        status = supervise("budget", "status", "--agent", agent, "--store", store_url, "--json")
+        status = supervise("budget", "status", "--agent", agent, "--store", url, "--json")
         daily = [s for s in json.loads(status.stdout)["scopes"] if s["scope"] == "daily"]
         assert Decimal(str(daily[0]["usd"]["used"])) == usd
 
 
 def test_report_text_shows_each_step_and_its_share(history: tuple[str, Path]) -> None:
     """The text report has a row per hand-off step with its cost and share, and a chart."""
-    store_url, _ = history
-    done = supervise("report", "--store", store_url, "--by", "label")
+    url, _ = history
+    done = supervise("report", "--store", url, "--by", "label")
     assert done.returncode == 0, done.stderr
     by_label = expected("label")
     total = sum(v[3] for v in by_label.values())
@@ -197,12 +183,12 @@ def test_report_text_shows_each_step_and_its_share(history: tuple[str, Path]) ->
 
 def test_report_filters_by_agent_and_since(history: tuple[str, Path]) -> None:
     """--agent keeps one agent's spend; --since in the future leaves nothing."""
-    store_url, _ = history
-    doc = json.loads(supervise("report", "--store", store_url, "--json", "--agent", "coder").stdout)
+    url, _ = history
+    doc = json.loads(supervise("report", "--store", url, "--json", "--agent", "coder").stdout)
     assert [row["name"] for row in doc["by"]["agent"]] == ["coder"]
     assert doc["total"]["usd_micro"] == expected("agent")["coder"][3]
     later = datetime.now(UTC).replace(year=2100).isoformat()
-    doc = json.loads(supervise("report", "--store", store_url, "--json", "--since", later).stdout)
+    doc = json.loads(supervise("report", "--store", url, "--json", "--since", later).stdout)
     assert doc["total"]["usd_micro"] == 0 and doc["by"]["agent"] == []
 
 
@@ -270,9 +256,9 @@ def test_report_by_day_and_chart_over_several_days(tmp_path: Path) -> None:
 def test_report_writes_html_and_png(history: tuple[str, Path], tmp_path: Path) -> None:
     """--html writes one page with the tables and an inline SVG chart; --png a PNG image."""
     pytest.importorskip("matplotlib")
-    store_url, _ = history
+    url, _ = history
     page, image = tmp_path / "r.html", tmp_path / "r.png"
-    done = supervise("report", "--store", store_url, "--html", str(page), "--png", str(image))
+    done = supervise("report", "--store", url, "--html", str(page), "--png", str(image))
     assert done.returncode == 0, done.stderr
     text = page.read_text()
     assert "<svg" in text and "<script" not in text and "By label" in text
