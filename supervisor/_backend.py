@@ -13,7 +13,7 @@ import time
 from decimal import Decimal
 from typing import Any, Protocol
 
-from .errors import BudgetError, BudgetExceeded, StoreUnavailable
+from .errors import BudgetError, BudgetExceeded, StoreUnavailable, UnknownReservation
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -114,6 +114,8 @@ class RunBackend:
             else:
                 self.events.budget_denied(e)
             raise
+        except UnknownReservation:
+            raise  # bad input, not a denial: the RPC answers -32602 and logs an rpc_error
         except (BudgetError, StoreUnavailable) as e:
             self.events.budget_denied(e)
             raise
