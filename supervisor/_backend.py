@@ -136,6 +136,8 @@ class RunBackend:
             else:
                 self.events.budget_denied(e)
             raise
+        except UnknownReservation:
+            raise  # bad input, not a denial: the RPC answers -32602 and logs an rpc_error
         except StoreUnavailable as e:
             # The call was made, its spend could not be written: not a denial, a loss.
             self.events.spend_lost(e, {"how": how, "model": model, "label": label, **counts})

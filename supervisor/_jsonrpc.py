@@ -33,7 +33,13 @@ def _to_decimal(text: str) -> object:
         from decimal import Decimal
 
         _Decimal = Decimal
-    return _Decimal(text)
+    try:
+        return _Decimal(text)
+    except ArithmeticError:
+        # An exponent past 10**18 (1e1000000000000000000) is InvalidOperation, which the
+        # caller, expecting ValueError for bad JSON, would not catch.
+        shown = text if len(text) <= 30 else text[:27] + "..."
+        raise ValueError(f"the number {shown} is out of range") from None
 
 
 def _no_constant(name: str) -> object:

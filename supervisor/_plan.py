@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     from .policy import Policy
 
-_FORMAT = 3  # bump when the shape of Policy.to_dict() changes
+_FORMAT = 4  # bump when the shape of Policy.to_dict(), or what validates, changes
 
 
 class RunPlan:
@@ -131,7 +131,13 @@ def load_plan(path: str | None, overrides: list[str]) -> RunPlan:
         pass
     from .policy import Policy
 
-    policy = Policy.from_yaml(data.decode("utf-8", "replace"), source=source)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        # As `supervise check` says it: "not UTF-8 text", never a policy read with U+FFFD.
+        Policy.load(source)
+        raise
+    policy = Policy.from_yaml(text, source=source)
     if overrides:
         policy = policy.with_overrides(overrides)
     plan = RunPlan.from_policy(policy)

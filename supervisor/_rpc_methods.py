@@ -7,6 +7,7 @@ so bad input can never change the ledger. Backend exceptions map to JSON-RPC err
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ MAX_INT = 10**15  # tokens and bytes: far above any real call, far below trouble
 MAX_USD = Decimal(10**9)
 MAX_STR = 256
 MAX_PATH = 4096
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Backend(Protocol):
@@ -156,11 +158,19 @@ def _check(name: str, kind: str, value: object) -> object:
         raise InvalidParams(f"{name} must not be empty")
     if "\0" in value:
         raise InvalidParams(f"{name} contains a NUL character")
+    if not value.isascii() and _SURROGATE.search(value):
+        # JSON can escape half of a UTF-16 pair ("\ud800"); no name or file holds one.
+        raise InvalidParams(f"{name} contains a lone surrogate (send whole characters)")
     return value
 
 
 def _show(value: object) -> str:
-    text = j.dumps(value) if isinstance(value, int | str | Decimal | None) else type(value).__name__
+    if isinstance(value, Decimal) and not -40 < value.adjusted() < 40:
+        text = str(value)  # 1E+999999999: as JSON it would be a billion digits
+    elif isinstance(value, int | str | Decimal | None):
+        text = j.dumps(value)
+    else:
+        text = type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
 
 

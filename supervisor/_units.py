@@ -4,7 +4,9 @@ Parsers take what YAML gives (a number or a string) and return plain numbers: si
 (``int``), durations in seconds (``float``), money in USD (``Decimal``, never through float).
 They raise ``ValueError`` whose text is ready for the user, e.g.
 ``"2 gigs" is not a size (try 2GiB)``. Booleans are rejected (YAML reads ``yes`` as true)
-and so are negative values. Only the standard library is imported here.
+and so are negative values, and values too large to enforce or to keep exactly: every
+value a parser returns survives ``Policy.to_dict()`` (JSON) unchanged. Only the standard
+library is imported here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import reprlib
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 __all__ = [
+    "MAX_DURATION",
+    "MAX_MONEY",
     "MAX_SIZE",
     "compact_duration",
     "compact_size",
@@ -25,11 +29,21 @@ __all__ = [
     "parse_duration",
     "parse_money",
     "parse_size",
+    "printable",
     "show",
 ]
 
 # rlimits are 64-bit and RLIM_INFINITY is all ones: anything larger cannot be enforced.
 MAX_SIZE = 2**63 - 1
+# A century: far beyond any run, and finite (an infinite float has no YAML or JSON form).
+MAX_DURATION = 100 * 365 * 86400
+# The ledger counts integer micro-USD in 64 bits (SQLite INTEGER): 10**12 USD is 10**18.
+MAX_MONEY = Decimal(10**12)
+# Money reaches the run as a JSON number (a float): 15 significant digits survive it exactly.
+_MONEY_DIGITS = 15
+_MONEY_EXPONENT = -12  # the least amount: 10**-12 USD (a millionth of a micro-dollar)
+# Decimal's default context traps overflow past 10**999999: larger input is refused first.
+_MAX_EXPONENT = 40
 
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _SIZE_RE = re.compile(rf"\s*(?P<sign>[-+]?)\s*(?P<number>{_NUMBER})\s*(?P<unit>[A-Za-z]*)\s*")
@@ -79,14 +93,24 @@ def show(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and value.bit_length() > 128:
+        # str() of an int over 4300 digits raises; a user wants the size, not the digits.
+        return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"
     if isinstance(value, int | float | Decimal):
         return str(value)
     if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
+        text = printable(json.dumps(value, ensure_ascii=False))  # JSON leaves U+2028 as is
         return text if len(text) <= 60 else text[:56] + '..."'
     # Bounded: YAML aliases can make a small file load as a huge (or circular) structure.
     text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with what is not printable escaped (``\\n``, ``\\u2028``): one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
 def _finite(number: Decimal, value: object, what: str, hint: str, plural: str) -> Decimal:
@@ -98,8 +122,16 @@ def _finite(number: Decimal, value: object, what: str, hint: str, plural: str) -
 
 
 def _number(value: int | float | Decimal) -> Decimal:
-    # str() first: Decimal(0.1) would keep the binary float's 55 digits of noise.
-    return value if isinstance(value, Decimal) else Decimal(str(value))
+    # str() first: Decimal(0.1) would keep the binary float's 55 digits of noise. An int
+    # converts exactly (and str() of one over 4300 digits would raise).
+    if isinstance(value, Decimal):
+        return value
+    return Decimal(value) if isinstance(value, int) else Decimal(str(value))
+
+
+def _too_large(number: Decimal) -> bool:
+    """Whether ``number`` is past anything a unit can scale without overflowing Decimal."""
+    return number.is_finite() and number != 0 and number.adjusted() > _MAX_EXPONENT
 
 
 def parse_size(value: object) -> int:
@@ -111,15 +143,16 @@ def parse_size(value: object) -> int:
         factor = _SIZE_UNITS.get(match["unit"].lower()) if match else None
         if match is None or factor is None:
             raise ValueError(f"{show(value)} is not a size ({_size_hint(value)})")
-        number = Decimal(match["number"]) * factor
+        number = Decimal(match["number"])
         if match["sign"] == "-" and number != 0:
             raise ValueError(f"{show(value)} is negative (sizes cannot be)")
+        if not _too_large(number):
+            number *= factor
     else:
         raise ValueError(f"{show(value)} is not a size (try 2GiB)")
-    size = int(number.to_integral_value(rounding=ROUND_FLOOR))
-    if size > MAX_SIZE:
+    if _too_large(number) or number > MAX_SIZE:
         raise ValueError(f"{show(value)} is too large (the most is {format_size(MAX_SIZE)})")
-    return size
+    return int(number.to_integral_value(rounding=ROUND_FLOOR))
 
 
 def _size_hint(text: str) -> str:
@@ -134,11 +167,11 @@ def _size_hint(text: str) -> str:
 def parse_duration(value: object) -> float:
     """Seconds from ``30``, ``"250ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"1d"`` or ``"1h30m"``."""
     if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        return float(_finite(_number(value), value, "a duration", _DURATION_HINT, "durations"))
-    if not isinstance(value, str):
+        seconds = _finite(_number(value), value, "a duration", _DURATION_HINT, "durations")
+        negative = False
+    elif not isinstance(value, str):
         raise ValueError(f"{show(value)} is not a duration ({_DURATION_HINT})")
-    plain = _PLAIN_NUMBER.fullmatch(value)
-    if plain is not None:
+    elif (plain := _PLAIN_NUMBER.fullmatch(value)) is not None:
         seconds = Decimal(plain["number"])
         negative = plain["sign"] == "-"
     else:
@@ -149,28 +182,46 @@ def parse_duration(value: object) -> float:
         for part in _DURATION_PART.finditer(body):
             if part.start() != end:
                 break
-            seconds += Decimal(part[1]) * _DURATION_UNITS[part[2]]
+            number = Decimal(part[1])
+            if _too_large(number):
+                seconds = number  # refused below, before any arithmetic can overflow
+            elif not _too_large(seconds):
+                seconds += number * _DURATION_UNITS[part[2]]
             end = part.end()
         if end == 0 or body[end:].strip():
             raise ValueError(f"{show(value)} is not a duration ({_DURATION_HINT})")
     if negative and seconds != 0:
         raise ValueError(f"{show(value)} is negative (durations cannot be)")
+    if _too_large(seconds) or seconds > MAX_DURATION:
+        raise ValueError(f"{show(value)} is too large (the most is 36500d, a century)")
     return float(seconds)
 
 
 def parse_money(value: object) -> Decimal:
     """USD as an exact Decimal from ``5``, ``0.1``, ``"5.25"`` or ``"$5"``."""
     if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        return _finite(_number(value), value, "an amount of money", _MONEY_HINT, "amounts of money")
-    match = _MONEY_RE.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        raise ValueError(f"{show(value)} is not an amount of money ({_MONEY_HINT})")
-    try:
-        amount = Decimal(match["number"])
-    except InvalidOperation:  # pragma: no cover - the regex only lets decimal numbers through
-        raise ValueError(f"{show(value)} is not an amount of money ({_MONEY_HINT})") from None
-    if "-" in (match["sign"], match["sign2"]) and amount != 0:
-        raise ValueError(f"{show(value)} is negative (amounts of money cannot be)")
+        amount = _finite(
+            _number(value), value, "an amount of money", _MONEY_HINT, "amounts of money"
+        )
+    else:
+        match = _MONEY_RE.fullmatch(value) if isinstance(value, str) else None
+        if match is None:
+            raise ValueError(f"{show(value)} is not an amount of money ({_MONEY_HINT})")
+        try:
+            amount = Decimal(match["number"])
+        except InvalidOperation:  # pragma: no cover - the regex only lets decimal numbers through
+            raise ValueError(f"{show(value)} is not an amount of money ({_MONEY_HINT})") from None
+        if "-" in (match["sign"], match["sign2"]) and amount != 0:
+            raise ValueError(f"{show(value)} is negative (amounts of money cannot be)")
+    if amount > MAX_MONEY:
+        raise ValueError(f"{show(value)} is too large (the most is $1000000000000)")
+    if amount != 0 and amount.adjusted() < _MONEY_EXPONENT:
+        raise ValueError(f"{show(value)} is too small (the least is 1e-12; 0 means free)")
+    if len("".join(map(str, amount.as_tuple().digits)).strip("0")) > _MONEY_DIGITS:
+        raise ValueError(
+            f"{show(value)} has more than {_MONEY_DIGITS} significant digits "
+            "(supervise keeps money exact to 15)"
+        )
     return amount
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable
+from datetime import date
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -28,8 +29,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from pydantic_core import ErrorDetails
 
 from supervisor._hash import sha256
-from supervisor._units import compact_duration, compact_size, parse_duration, parse_size, show
-from supervisor.budget._policy import BudgetPolicy, RateLimits, ScopeLimits
+from supervisor._units import (
+    MAX_SIZE,
+    compact_duration,
+    compact_size,
+    parse_duration,
+    parse_size,
+    printable,
+    show,
+)
+from supervisor.budget._policy import BudgetPolicy, ModelPricing, RateLimits, ScopeLimits
 from supervisor.errors import PolicyError
 
 __all__ = ["AuditPolicy", "EnvPolicy", "Limits", "Policy", "WorkspacePolicy"]
@@ -58,12 +67,18 @@ def _limit(parse: Callable[[object], float], minimum: float = 0, why: str = "") 
 
 def _parse_count(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        return int(value)
-    raise ValueError(f"{show(value)} is not a whole number (try 1024)")
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        # Past 19 digits it is too large anyway, and int() refuses 4300.
+        digits = value.strip().lstrip("-").lstrip("0")
+        number = int(value) if len(digits) <= 19 else (-1 if "-" in value else 1) << 64
+    else:
+        raise ValueError(f"{show(value)} is not a whole number (try 1024)")
+    if number > MAX_SIZE:  # rlimits are 64-bit
+        raise ValueError(f"{show(value)} is too large (the most is {MAX_SIZE})")
+    return number
 
 
 def _version(value: object) -> object:
@@ -73,9 +88,12 @@ def _version(value: object) -> object:
 
 
 def _text(value: object) -> object:
-    """YAML reads ``name: 2024`` as a number and ``yes`` as true; take them as text."""
+    """YAML reads ``name: 2024`` as a number, ``yes`` as true and ``2024-01-01`` as a date;
+    take them as text."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, date):
+        return value.isoformat()
     return str(value) if isinstance(value, int | float) else value
 
 
@@ -109,10 +127,10 @@ def _env_set(value: object) -> object:
     if not isinstance(value, dict):
         return value  # let the model say "expected a mapping"
     for name in value:
-        if isinstance(name, str):
-            _env_name(name)
+        if isinstance(name, str | int | float):
+            _env_name(_text(name))
     # Scalars become text; anything else is left for the model to refuse with its key path.
-    return {name: _text(text) for name, text in value.items()}
+    return {_text(name): _text(text) for name, text in value.items()}
 
 
 def _paths(value: object) -> object:
@@ -128,6 +146,12 @@ def _paths(value: object) -> object:
 def _workspace_path(value: object) -> object:
     if isinstance(value, str) and (not value.strip() or "\0" in value):
         raise ValueError(f"{show(value)} is not a path (null: a fresh temporary directory)")
+    return value
+
+
+def _audit_path(value: object) -> object:
+    if isinstance(value, str) and (not value.strip() or "\0" in value):
+        raise ValueError(f"{show(value)} is not a path (null: the default audit log)")
     return value
 
 
@@ -176,17 +200,13 @@ class EnvPolicy(_Model):
 
 def _audit(value: object) -> object:
     """``audit: PATH`` is short for ``audit: {path: PATH}``."""
-    if isinstance(value, str):
-        if not value.strip() or "\0" in value:
-            raise ValueError(f"{show(value)} is not a path (null: the default audit log)")
-        return {"path": value}
-    return value
+    return {"path": _audit_path(value)} if isinstance(value, str) else value
 
 
 class AuditPolicy(_Model):
     """Where the audit log goes, and when it rotates (None = the default path, no rotation)."""
 
-    path: Annotated[str | None, BeforeValidator(_workspace_path)] = None
+    path: Annotated[str | None, BeforeValidator(_audit_path)] = None
     max_size: Size = None  # rotate the file when a line takes it to this size
     keep: Annotated[int | None, _limit(_parse_count, 0, "keep at least 1 rotated file")] = None
 
@@ -248,25 +268,19 @@ class Policy(_Model):
     @classmethod
     def from_yaml(cls, text: str, source: str = "<string>") -> Policy:
         """Validate a policy given as YAML text; ``source`` names it in messages."""
-        loader = yaml.SafeLoader(text)
+        lines: dict[_Loc, int] = {}
+        texts: dict[_Loc, str] = {}
+        problems: list[tuple[_Loc, str]] = []
+
+        def walk(node: yaml.Node) -> None:
+            problems.extend(_walk(node, (), lines, texts))
+
         try:
-            root = loader.get_single_node()
-            data = None if root is None else loader.construct_document(root)
-        except yaml.MarkedYAMLError as error:
-            mark = error.problem_mark or error.context_mark
-            where = f"{source}:{mark.line + 1}" if mark else source
-            problem = error.problem or error.context or "syntax error"
-            fix = (
-                "indent with spaces, not tabs"
-                if "\\t" in problem
-                else "check indentation and quoting"
-            )
-            problem = f"{where}: not valid YAML: {problem} ({fix})"
-            raise PolicyError([problem], source=source) from None
+            root, data = _read_yaml(text, walk)
         except yaml.YAMLError as error:
-            raise PolicyError([f"{source}: not valid YAML: {error}"], source=source) from None
-        finally:
-            loader.dispose()
+            line, problem = _yaml_problem(error, text, "check indentation and quoting")
+            where = source if line is None else f"{source}:{line}"
+            raise PolicyError([f"{where}: not valid YAML: {problem}"], source=source) from None
         if data is None:
             problem = 'the policy is empty (start with "version: 1")'
             raise PolicyError([f"{source}:1: {problem}"], source=source)
@@ -275,9 +289,6 @@ class Policy(_Model):
             kind = "a list" if isinstance(data, list) else show(data)
             problem = f'the policy must be a mapping of keys, got {kind} (start with "version: 1")'
             raise PolicyError([f"{source}:{root.start_mark.line + 1}: {problem}"], source=source)
-        lines: dict[_Loc, int] = {}
-        texts: dict[_Loc, str] = {}
-        problems = _walk(root, (), lines, texts)
         if any(message == _CYCLE for _, message in problems):
             return cls._build({}, source, lines, problems)  # pydantic would recurse forever
         env = data.get("env")
@@ -285,7 +296,7 @@ class Policy(_Model):
             # Env values are text as written: YAML would read 0755 as 493 and yes as true.
             values = env["set"] = dict(env["set"])
             for name, value in values.items():
-                if isinstance(value, int | float) and ("env", "set", name) in texts:
+                if isinstance(value, int | float | date) and ("env", "set", name) in texts:
                     values[name] = texts["env", "set", name]
         policy = cls._build(data, source, lines, problems)
         policy._source_text = text
@@ -360,11 +371,10 @@ class Policy(_Model):
             if trouble is None:
                 try:
                     # env values are text: FOO=0755 must stay "0755", not YAML's octal 493.
-                    value = raw if len(path) == 3 and path[0] == "env" else yaml.safe_load(raw)
+                    value = raw if len(path) == 3 and path[0] == "env" else _yaml_value(raw)
                     trouble = _put(data, path, value)
                 except yaml.YAMLError as error:
-                    problem = getattr(error, "problem", None) or "syntax error"
-                    trouble = f"not valid YAML: {problem} (quote the value)"
+                    trouble = "not valid YAML: " + _yaml_problem(error, raw, "quote the value")[1]
             if trouble is None:
                 applied.append((path, index))
             else:
@@ -380,7 +390,7 @@ class Policy(_Model):
                 problems.append((index, inner + message))
         if problems:
             lines = [
-                f"--set {items[index]}: {text}"
+                f"--set {printable(items[index])}: {text}"
                 for index, text in sorted(problems, key=lambda pair: pair[0])
             ]
             raise PolicyError(list(dict.fromkeys(lines)), source="--set")
@@ -440,6 +450,124 @@ def _default() -> Policy:
 
 _KEY_VALUE = "expected KEY=VALUE (e.g. --set limits.wall_time=10s)"
 _CYCLE = "refers to itself (remove the alias)"
+# A policy is 4 levels deep. PyYAML's composer recurses once per level, so a deeper document
+# ("[[[[...") is refused before it can exhaust the stack.
+_MAX_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _TooDeep(yaml.composer.ComposerError):
+    """A document nested deeper than any policy is."""
+
+
+class _Unreadable(yaml.constructor.ConstructorError):
+    """A scalar YAML cannot turn into its type (its problem says the fix)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with a nesting limit, and scalars it cannot read as YAML errors with a line.
+
+    SafeLoader lets ``ValueError`` and friends out for ``2024-13-01`` (a timestamp in month
+    13), ``!!int x`` or a 5000-digit number; here they say which value, where, and the fix.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # untyped stub
+                problem = f"nested more than {_MAX_DEPTH} levels deep"
+                raise _TooDeep(None, None, problem, mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as error:
+            kind = str(node.tag).rpartition(":")[2]
+            if kind == "int" and isinstance(error, ValueError) and "digits" in str(error):
+                problem = f"a number of {len(str(node.value))} digits is too long to read"
+                problem += f" (no limit takes more than {len(str(MAX_SIZE))})"
+            else:
+                # int(), float() and date() say what is wrong; a KeyError would only echo.
+                why = f": {error}" if isinstance(error, ArithmeticError | ValueError) else ""
+                problem = (
+                    f"{show(node.value)} is not a valid {kind}{why} (quote it to make it text)"
+                )
+            raise _Unreadable(None, None, problem, node.start_mark) from None
+
+
+def _read_yaml(text: str, walk: Callable[[yaml.Node], object]) -> tuple[yaml.Node | None, Any]:
+    """The root node and the data of one YAML document, ``walk`` run on the nodes between.
+
+    The walk sees the document as written: before construction expands merge keys (``<<``).
+    Raises ``yaml.YAMLError`` for anything that is not one readable document.
+    """
+    loader = None
+    try:
+        loader = _Loader(text)  # the reader refuses control characters right here
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        walk(root)
+        return root, loader.construct_document(root)
+    except RecursionError:
+        # A chain of merge keys (a: &a {<<: *b}...) recurses in construction; compose
+        # already stopped deep nesting.
+        problem = "merge keys (<<) chained too deep (merge fewer levels)"
+        raise _Unreadable(None, None, problem, None) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml_value(text: str) -> Any:
+    """A ``--set`` value: YAML, held to what a policy file is (nesting, duplicates, text)."""
+    problems: list[tuple[_Loc, str]] = []
+    _, value = _read_yaml(text, lambda node: problems.extend(_walk(node, (), {}, {})))
+    if problems:
+        path, message = problems[0]
+        where = f"{_dotted(path)}: " if path else ""
+        raise _Unreadable(None, None, where + message, None)  # it says its own fix
+    return value
+
+
+def _yaml_problem(error: yaml.YAMLError, text: str, fix: str) -> tuple[int | None, str]:
+    """(1-based line or None, ``problem (fix)``) for a YAML error, in one line."""
+    if isinstance(error, yaml.reader.ReaderError):
+        line = text.count("\n", 0, error.position) + 1 if isinstance(error.position, int) else None
+        code = error.character if isinstance(error.character, int) else ord(str(error.character))
+        if 0xDC80 <= code <= 0xDCFF:  # how Python hands on a byte that is not UTF-8 (argv)
+            return line, f"the byte 0x{code - 0xDC00:02x} is not UTF-8 text (write it in UTF-8)"
+        if 0xD800 <= code <= 0xDFFF:
+            return line, _surrogate(chr(code))
+        escape = f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+        problem = f"the character U+{code:04X} is not allowed in YAML"
+        return line, f'{problem} (remove it, or write it as "{escape}" in double quotes)'
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return None, f"{error} ({fix})"
+    mark = error.problem_mark or error.context_mark
+    line = mark.line + 1 if mark is not None else None
+    problem = error.problem or error.context or "syntax error"
+    if error.context and problem.startswith("but "):  # "expected a single document ..."
+        problem = f"{error.context}, {problem}"
+    if "\\t" in problem:
+        fix = "indent with spaces, not tabs"
+    elif "another document" in problem:
+        fix = "a policy is one document: remove the second ---"
+    elif isinstance(error, _TooDeep):
+        fix = "a policy is 4 levels deep"
+    elif isinstance(error, _Unreadable):
+        return line, problem  # it says its own fix
+    return line, f"{problem} ({fix})"
 
 
 def _walk(
@@ -460,11 +588,15 @@ def _walk(
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.ScalarNode):
             texts[path] = node.value
+            if _SURROGATE.search(node.value):
+                problems.append((path, _surrogate(node.value)))
         children: list[tuple[yaml.Node, _Loc]] = []
         if isinstance(node, yaml.MappingNode):
             seen: dict[_Loc, int] = {}
             for key, value in node.value:
                 child = (*path, key.value if isinstance(key, yaml.ScalarNode) else "?")
+                if isinstance(key, yaml.ScalarNode) and _SURROGATE.search(key.value):
+                    problems.append((child, "the key: " + _surrogate(key.value)))
                 if child in seen:
                     message = f"duplicate key (also on line {seen[child]}; keep one)"
                     problems.append((child, message))
@@ -474,6 +606,18 @@ def _walk(
             children = [(item, (*path, index)) for index, item in enumerate(node.value)]
         todo += [(child, where, above | {id(node)}) for child, where in reversed(children)]
     return problems
+
+
+def _surrogate(text: str) -> str:
+    # "\ud83d\ude00" (JSON's escape of one emoji) reads in YAML as two halves, not a character;
+    # no file name, variable or name can hold one.
+    half = _SURROGATE.search(text)
+    assert half is not None
+    code = ord(half[0])
+    return (
+        f"\\u{code:04x} is half of a UTF-16 pair, not a character "
+        "(write the character itself, or escape it whole as \\U0001F600)"
+    )
 
 
 def _line(lines: dict[_Loc, int], path: _Loc) -> int:
@@ -489,11 +633,13 @@ def _dotted(path: _Loc) -> str:
     text = ""
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
-    return text
+    return printable(text)  # a key may hold a line break ("a\nb": 1)
 
 
 def _known_keys(section: _Loc) -> list[str]:
     model = _SECTIONS.get(section)
+    if section[:2] == ("budget", "pricing") and len(section) == 3:
+        model = ModelPricing  # budget.pricing.NAME: a model's prices
     keys = list(model.model_fields) if model is not None else []
     return keys + list(_UNBUILT) if section == () else keys
 
@@ -503,7 +649,7 @@ def _unknown(key: object, section: _Loc, full: bool = False) -> str:
     known = _known_keys(section)
     prefix = _dotted(section) + "." if full and section else ""
     close = difflib.get_close_matches(str(key), known, n=1)
-    name = f" {prefix}{key}" if full else ""
+    name = f" {printable(f'{prefix}{key}') or show('')}" if full else ""
     if close:
         return f"unknown key{name} (did you mean {prefix}{close[0]}?)"
     return f"unknown key{name} (known keys: {', '.join(known)})"

@@ -556,7 +556,11 @@ def test_bad_policy_message(body: str, expected: str) -> None:
             "policy.yaml:1 version: 2 is not supported (this supervise reads version 1)",
         ),
         ("version: true\n", "policy.yaml:1 version: true is not supported"),
-        ("version: 1\n---\nname: x\n", "policy.yaml:2: not valid YAML: but found another document"),
+        (
+            "version: 1\n---\nname: x\n",
+            "policy.yaml:2: not valid YAML: expected a single document in the stream, "
+            "but found another document (a policy is one document: remove the second ---)",
+        ),
     ],
 )
 def test_bad_policy_whole_file(text: str, expected: str) -> None:

@@ -19,6 +19,7 @@ from supervisor._units import parse_money, show
 __all__ = ["BudgetPolicy", "ModelPricing", "RateLimits", "ScopeLimits", "parse_store_url"]
 
 _MICRO = Decimal("0.000001")
+_MAX_COUNT = 2**63 - 1  # the ledger's counters are 64-bit integers (SQLite INTEGER)
 
 
 def _count(value: object) -> int | None:
@@ -29,11 +30,15 @@ def _count(value: object) -> int | None:
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
     elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        number = int(value.strip())
+        # Past 19 digits it is too large anyway, and int() refuses 4300.
+        digits = value.strip().lstrip("-").lstrip("0")
+        number = int(value) if len(digits) <= 19 else (-1 if "-" in value else 1) << 64
     else:
         raise ValueError(f"{show(value)} is not a whole number (try 100)")
     if number < 0:
         raise ValueError(f"{show(value)} is negative (null means no limit)")
+    if number > _MAX_COUNT:
+        raise ValueError(f"{show(value)} is too large (the most is {_MAX_COUNT})")
     return number
 
 
@@ -88,6 +93,8 @@ def parse_store_url(url: str) -> tuple[str, str]:
     """
     if not isinstance(url, str):
         raise ValueError(f"{show(url)} is not a store URL ({_STORE_HINT})")
+    if "\0" in url:
+        raise ValueError(f"{show(url)} has a NUL character in it ({_STORE_HINT})")
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if not path or path.endswith("/"):

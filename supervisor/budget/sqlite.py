@@ -317,7 +317,11 @@ class SQLiteStore:
         self, db: sqlite3.Connection, agent: str, hold_id: str | int
     ) -> dict[str, Any] | None:
         if isinstance(hold_id, str):
-            if not hold_id.isdigit() or len(hold_id) > 18:  # ours are row ids
+            # Ours are row ids, written as str(id): not "01", "+1" or "\u0661" (an Arabic
+            # one, which isdigit() and int() take), so that an id names one hold, as in Redis.
+            if not (hold_id.isascii() and hold_id.isdigit()) or len(hold_id) > 18:
+                return None
+            if hold_id != str(int(hold_id)):
                 return None
             hold_id = int(hold_id)
         row = db.execute(
