@@ -98,6 +98,9 @@ class RpcServer:
         self._tokens = float(error_burst)
         self._stamp = time.monotonic()
         self._suppressed = 0
+        # Notifications sent so far (the last 64): a process that attaches later (a child
+        # started after a warning, or one slow to make its first call) gets them first.
+        self._sent: list[bytes] = []
         self._conns: dict[int, _Conn] = {}
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -164,6 +167,7 @@ class RpcServer:
     def notify(self, method: str, params: dict[str, Any]) -> None:
         """Send a notification to every connection (``warning``, ``stopping``)."""
         data = j.line({"jsonrpc": "2.0", "method": method, "params": params})
+        self._sent = [*self._sent[-63:], data]
         for conn in self._conns.values():
             if conn.deaf:
                 continue
@@ -241,6 +245,11 @@ class RpcServer:
                 self._error(j.SERVER_ERROR, f"attach: more than {self.max_connections}", "")
             else:
                 self._adopt(sock)
+                conn = self._conns[sock.fileno()]
+                for data in self._sent:
+                    self._queue(conn, data)
+                if self._sent:
+                    self._flush(conn)
 
     def _drop(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()

@@ -332,6 +332,32 @@ print(json.dumps(out, default=str))
     assert result["stopping"] == {"limit": "usd", "grace": "2.0"}
 
 
+def test_a_process_that_attaches_late_gets_the_notifications_sent_before():
+    """A warning and stopping sent before the child's first call reach it when it attaches
+    (a process started late must still know the run is stopping)."""
+    code = """
+import json
+from supervisor import client
+b = client.connect()
+b.usage()
+print(json.dumps({"warnings": len(b.notifications), "stopping": b.stopping}, default=str))
+"""
+    with serving(Ledger()) as s:
+        s.do(lambda: s.server.notify("warning", {"limit": "usd", "used": 1, "limit_value": 2}))
+        s.do(lambda: s.server.notify("stopping", {"limit": "usd", "grace": 2.0}))
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            pass_fds=[s.server.child_fd],
+            env=s.env(),
+            capture_output=True,
+            text=True,
+            timeout=GLOBAL_TIMEOUT,
+        )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result == {"warnings": 2, "stopping": {"limit": "usd", "grace": "2.0"}}
+
+
 def test_one_budget_is_thread_safe():
     """8 threads x 200 calls on one Budget in a child: every reply matches its own call."""
     code = """
