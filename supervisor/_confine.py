@@ -266,13 +266,22 @@ class Confinement:
         poller = select.poll()
         poller.register(self.tracker.fileno(), select.POLLIN)
         poller.register(stop, select.POLLIN)
+        frozen = False
         while all(fd != stop for fd, _ in poller.poll()):
-            with self._lock:
-                self.tracker.poll()
-                if self.tracker.totals()[0] > quota:
-                    # RLIMIT_FSIZE 0 for the whole tree as it is now (the run loop's last
-                    # sample may predate the writers); a later fork inherits it.
-                    self._lower_fsize(TreeSampler(self._reaper).pids())
+            # One read of events at a time, the quota checked after each: a batch of
+            # several MiB of small files folded whole would be checked too late.
+            changed = True
+            while changed and not frozen:
+                with self._lock:
+                    changed = self.tracker.poll(reads=1)
+                    if self.tracker.totals()[0] > quota:
+                        # RLIMIT_FSIZE 0 for the whole tree as it is now (the run loop's
+                        # last sample may predate the writers); a later fork inherits it.
+                        self._lower_fsize(TreeSampler(self._reaper).pids())
+                        frozen = True
+            if frozen:
+                with self._lock:
+                    self.tracker.poll()
             os.eventfd_write(wake, 1)
 
     def _stop_guard(self) -> None:
@@ -293,18 +302,25 @@ class Confinement:
             return self._guard_fds[0]
         return self.tracker.fileno() if self.tracker is not None else -1
 
-    def poll(self, pids: list[int]) -> list[tuple[str, int, int, str]]:
+    def poll(self, pids: list[int], *, final: bool = False) -> list[tuple[str, int, int, str]]:
         """Fold inotify events in, lower the tree's RLIMIT_FSIZE if the quota filled, and
-        return the workspace's (limit, used, limit value, how) for the limits it has."""
+        return the workspace's (limit, used, limit value, how) for the limits it has.
+
+        While the guard runs, it alone folds events (in small batches, the quota checked
+        after each): a large batch folded here, under the lock, would keep the guard from
+        freezing the tree in time. ``final`` (the tree is gone) folds what is left.
+        """
         if self.tracker is None:
             return []
-        if self._guard is not None:
+        guarded = self._guard is not None
+        if guarded:
             try:
                 os.eventfd_read(self._guard_fds[0])
             except BlockingIOError:
                 pass
         with self._lock:
-            self.tracker.poll()
+            if final or not guarded:
+                self.tracker.poll()
             return self._observe(pids)
 
     def periodic(self, pids: list[int], now: float) -> list[tuple[str, int, int, str]]:

@@ -122,11 +122,12 @@ class QuotaTracker:
         ino = self.entries.get(path)
         return (size, self.inodes[ino][0]) if ino is not None else (0, 0)
 
-    def poll(self) -> bool:
-        """Fold the pending events in; True when anything may have changed."""
+    def poll(self, reads: int = _READS_PER_POLL) -> bool:
+        """Fold the pending events in (at most ``reads`` reads of 64 KiB); True when
+        anything may have changed."""
         dirty: set[str] = set()
         overflow = False
-        for _ in range(_READS_PER_POLL):
+        for _ in range(reads):
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:

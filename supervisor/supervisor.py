@@ -921,7 +921,7 @@ class Run:
         workspace's last events (a command may write and exit within one poll)."""
         confine = self.confine
         if confine is not None and confine.tracker is not None:
-            self._on_storage(confine.poll([]))
+            self._on_storage(confine.poll([], final=True))
             self.result.usage.storage_bytes = confine.peak_bytes
             self.result.usage.files = confine.peak_files
         cpu = self.plan.limit("cpu_time")
