@@ -32,14 +32,15 @@ assumed, and goes into ``run_start`` (``enforced()``).
 
 from __future__ import annotations
 
+import _thread
 import os
 import resource
-import threading
 
 from .errors import WorkspaceError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import threading
     from typing import Any
 
     from ._plan import RunPlan
@@ -67,7 +68,9 @@ class Confinement:
         self._fsize_soft: int | None = None
         self._held_at = 0.0
         self._capped: set[int] = set()  # pids whose RLIMIT_FSIZE is _fsize_soft
-        self._lock = threading.RLock()  # the tracker and the caps, shared with the guard
+        # The tracker and the caps, shared with the guard (_thread: threading is imported
+        # only when a guard starts, off the path of runs without a quota).
+        self._lock = _thread.RLock()
         self._guard: threading.Thread | None = None
         self._guard_fds: tuple[int, int, int] = (-1, -1, -1)  # wake (eventfd), stop pipe r, w
         self._reaper = 0  # the command's parent: the root of the tree the guard freezes
@@ -251,6 +254,8 @@ class Confinement:
         wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
         self._guard_fds = (wake, stop_r, stop_w)
+        import threading
+
         self._guard = threading.Thread(
             target=self._guard_loop, args=(quota,), name="supervise-quota", daemon=True
         )

@@ -10,10 +10,14 @@ on.
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable
-from typing import Any
+# Imported on every run (a run may have hooks): queue, threading and typing only when a
+# hook is actually called, or for the type checker.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import queue
+    import threading
+    from collections.abc import Callable
+    from typing import Any
 
 __all__ = ["HookRunner"]
 
@@ -33,6 +37,9 @@ class HookRunner:
         if hook is None:
             return
         if self._queue is None:
+            import queue
+            import threading
+
             self._queue = queue.SimpleQueue()
             self._thread = threading.Thread(
                 target=self._work, args=(self._queue,), name="supervise-hooks", daemon=True

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Any
+
+# typing costs ~2 ms to import and this module is on every run's path (make_undumpable).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _SYS_LANDLOCK_CREATE_RULESET = 444
 _LANDLOCK_CREATE_RULESET_VERSION = 1

@@ -15,7 +15,6 @@ import select
 import signal
 import sys
 import time
-from decimal import Decimal
 
 from ._confine import Confinement
 from ._hooks import HookRunner
@@ -1001,6 +1000,8 @@ class Run:
     def spend_lost(self, error: SupervisorError, call: dict[str, Any]) -> None:
         """Spend that happened could not be written to the ledger (the store failed): the
         call goes to the audit log so it is not lost, and the tree is stopped (fail closed)."""
+        from decimal import Decimal
+
         detail = {k: float(v) if isinstance(v, Decimal) else v for k, v in call.items()}
         self._log("unsettled", action="failed", limit="usd", detail={**detail, "error": str(error)})
         if self._fail is None:
