@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from .workspace import Workspace
 
 
+MAX_OPEN_STEPS = 1024
+
+
 class RunEvents(Protocol):
     """What the run does with the backend's news (``supervisor.Run`` implements it)."""
 
@@ -227,6 +230,8 @@ class RunBackend:
     def step_begin(self, name: str) -> dict[str, Any]:
         if name in self.steps:
             raise ValueError(f"step {name!r} has already begun (end it first)")
+        if len(self.steps) >= MAX_OPEN_STEPS:  # a child must not grow our memory at will
+            raise ValueError(f"{MAX_OPEN_STEPS} steps are open already (end some first)")
         self.steps[name] = time.monotonic()
         return {} if self.step_time is None else {"step_time": self.step_time}
 

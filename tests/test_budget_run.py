@@ -208,6 +208,24 @@ def test_step_time(step_time: str | None, code: int, tmp_path: Path, audit_log: 
         assert line["limit"] == "step_time"
 
 
+def test_open_steps_are_bounded(tmp_path: Path) -> None:
+    """A child opening ever-new steps gets an error past 1024 open ones (its memory is not
+    ours to grow), and the run goes on."""
+    child = (
+        "from supervisor import client\n"
+        "b = client.connect()\n"
+        "for i in range(1024):\n    b.call('step_begin', {'name': f's{i}'})\n"
+        "try:\n    b.call('step_begin', {'name': 'one more'})\n"
+        "except client.RpcError as e:\n    print(e.code, 'open already' in str(e))\n"
+    )
+    r, w = os.pipe()
+    with os.fdopen(r) as reader:
+        result = Supervisor(Policy.from_dict({"workspace": {}})).run(python(child), stdout=w)
+        os.close(w)
+        assert reader.read().split() == ["-32602", "True"]
+    assert result.exit_code == 0
+
+
 def test_check_write_over_the_rpc(tmp_path: Path) -> None:
     """check_write answers through the RPC from the run's workspace."""
     out = tmp_path / "answers.json"
