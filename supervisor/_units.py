@@ -87,6 +87,20 @@ _DURATION_HINT = "try 30s, 5m"
 _MONEY_HINT = 'try 5 or "$5"'
 
 
+def parse_whole(value: object, example: str = "1024") -> int:
+    """A whole number from YAML: an int, an integral float, or digits as text. Past 19
+    digits it is too large for anything here anyway (and int() refuses 4300): it becomes
+    +-2**64, for the caller's range check to refuse."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        digits = value.strip().lstrip("-").lstrip("0")
+        return int(value) if len(digits) <= 19 else (-1 if "-" in value else 1) << 64
+    raise ValueError(f"{show(value)} is not a whole number (try {example})")
+
+
 def show(value: object) -> str:
     """Render a value the way a user wrote it, for messages: strings quoted, null, true."""
     if value is None:

@@ -35,6 +35,7 @@ from supervisor._units import (
     compact_size,
     parse_duration,
     parse_size,
+    parse_whole,
     printable,
     show,
 )
@@ -66,16 +67,7 @@ def _limit(parse: Callable[[object], float], minimum: float = 0, why: str = "") 
 
 
 def _parse_count(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        # Past 19 digits it is too large anyway, and int() refuses 4300.
-        digits = value.strip().lstrip("-").lstrip("0")
-        number = int(value) if len(digits) <= 19 else (-1 if "-" in value else 1) << 64
-    else:
-        raise ValueError(f"{show(value)} is not a whole number (try 1024)")
+    number = parse_whole(value)
     if number > MAX_SIZE:  # rlimits are 64-bit
         raise ValueError(f"{show(value)} is too large (the most is {MAX_SIZE})")
     return number

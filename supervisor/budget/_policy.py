@@ -8,13 +8,12 @@ policy (``policy.yaml:9 budget.daily.usd: "lots" is not an amount of money (try 
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
-from supervisor._units import parse_money, show
+from supervisor._units import parse_money, parse_whole, show
 
 __all__ = ["BudgetPolicy", "ModelPricing", "RateLimits", "ScopeLimits", "parse_store_url"]
 
@@ -25,16 +24,7 @@ _MAX_COUNT = 2**63 - 1  # the ledger's counters are 64-bit integers (SQLite INTE
 def _count(value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        # Past 19 digits it is too large anyway, and int() refuses 4300.
-        digits = value.strip().lstrip("-").lstrip("0")
-        number = int(value) if len(digits) <= 19 else (-1 if "-" in value else 1) << 64
-    else:
-        raise ValueError(f"{show(value)} is not a whole number (try 100)")
+    number = parse_whole(value, "100")
     if number < 0:
         raise ValueError(f"{show(value)} is negative (null means no limit)")
     if number > _MAX_COUNT:
