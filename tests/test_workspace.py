@@ -419,10 +419,11 @@ def disk_used(path: Path) -> int:
 
 # The target is 5% past the quota, and scripts/bench measures it (median and worst). Four
 # writers on this 2-core machine make ~500 MB/s of 4 KiB files, so every 2 ms the quota
-# guard waits for a CPU is another MiB: most runs stop within 1%, a few in 20 (measured)
-# reach 10-30%. The bound here catches a guard that does not work (73-109 MiB on disk
-# with the audit stalled, measured before it) without failing on the scheduler's bad days.
-NEAR = 20 * MiB * 1.5
+# guard waits for a CPU (or the GIL) is another MiB: most runs stop within 1%, about one in
+# ten goes 10-40% past (28.2 MiB was the worst of ~60 measured). The bound here catches a
+# guard that does not work (73-109 MiB on disk with the audit stalled, measured before it)
+# without failing on the scheduler's bad days.
+NEAR = 20 * MiB * 2
 
 
 def test_four_writers_in_parallel_are_stopped_near_the_quota(tmp_path: Path) -> None:
