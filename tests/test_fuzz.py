@@ -32,12 +32,12 @@ from hypothesis import strategies as st
 
 from supervisor._backend import RunBackend
 from supervisor._plan import RunPlan, load_plan
-from supervisor.budget._policy import BudgetPolicy, ModelPricing, RateLimits, ScopeLimits
+from supervisor.budget._policy import BudgetPolicy, ModelPricing
 from supervisor.budget.ledger import Ledger
 from supervisor.budget.sqlite import SQLiteStore
 from supervisor.cli import run_cli
 from supervisor.errors import PolicyError
-from supervisor.policy import EnvPolicy, Limits, Policy, WorkspacePolicy
+from supervisor.policy import _SECTIONS, Policy
 from supervisor.result import Usage
 from supervisor.rpc import RpcServer
 
@@ -64,15 +64,7 @@ def fuzz(examples: int) -> Callable[[Any], Any]:
 
 # -- the policy loader ---------------------------------------------------------------------
 
-SECTIONS: dict[tuple[str, ...], Any] = {
-    (): Policy,
-    ("limits",): Limits,
-    ("workspace",): WorkspacePolicy,
-    ("env",): EnvPolicy,
-    ("budget",): BudgetPolicy,
-    **{("budget", scope): ScopeLimits for scope in ("run", "session", "daily", "monthly")},
-    ("budget", "rate"): RateLimits,
-}
+SECTIONS = _SECTIONS  # the schema's own sections: the audit section is fuzzed like the rest
 NAMED = {("env", "set"): None, ("budget", "pricing"): ModelPricing}  # keys are names
 KEY_PATHS = sorted(
     ".".join((*section, key)) for section, model in SECTIONS.items() for key in model.model_fields
