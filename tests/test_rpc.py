@@ -345,15 +345,7 @@ print(json.dumps({"warnings": len(b.notifications), "stopping": b.stopping}, def
     with serving(Ledger()) as s:
         s.do(lambda: s.server.notify("warning", {"limit": "usd", "used": 1, "limit_value": 2}))
         s.do(lambda: s.server.notify("stopping", {"limit": "usd", "grace": 2.0}))
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            pass_fds=[s.server.child_fd],
-            env=s.env(),
-            capture_output=True,
-            text=True,
-            timeout=GLOBAL_TIMEOUT,
-        )
-    assert done.returncode == 0, done.stderr
+        done = s.run_child(code)
     result = json.loads(done.stdout)
     assert result == {"warnings": 2, "stopping": {"limit": "usd", "grace": "2.0"}}
 
