@@ -1,4 +1,4 @@
-# Sourced by scripts/test and scripts/demo: make (or reuse) the venv and install the project.
+# Sourced by scripts/test, scripts/demo and scripts/bench: make (or reuse) the venv and install the project.
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
@@ -20,4 +20,10 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
+# The distribution was called agent-supervisor (a PyPI name that belongs to another project):
+# drop it from an older venv, or both would own the supervisor package and the supervise command.
+if compgen -G "$VENV/lib/python*/site-packages/agent_supervisor-*.dist-info" >/dev/null; then
+  "$VENV/bin/python" -m pip uninstall -q -y --disable-pip-version-check agent-supervisor
+fi
+# Editable: the build hook (setup.py) compiles the reaper helper into supervisor/_reaper.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".${EXTRAS:-}"

@@ -1,6 +1,6 @@
 """The report as files: a PNG chart, or one self-contained HTML page (tables and the chart).
 
-Drawn with matplotlib (the ``charts`` extra: ``pip install 'agent-supervisor[charts]'``),
+Drawn with matplotlib (the ``charts`` extra: ``pip install 'agent-supervise[charts]'``),
 imported only here, with the Agg backend, so no display is ever needed. The HTML page has
 no scripts and loads nothing: the chart is inline SVG.
 """
@@ -24,7 +24,7 @@ def _pyplot() -> Any:
     except ImportError:
         raise SupervisorError(
             "charts need matplotlib, which is not installed",
-            hint="pip install 'agent-supervisor[charts]' (or leave out --html/--png)",
+            hint="pip install 'agent-supervise[charts]' (or leave out --html/--png)",
         ) from None
     matplotlib.use("Agg")  # files only: never look for a display
     import matplotlib.pyplot as plt

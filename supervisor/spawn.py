@@ -44,7 +44,7 @@ def build_reaper(source: str, target: str) -> None:
     if cc is None:
         raise HelperError(
             "supervise needs its reaper helper and found no C compiler to build it",
-            hint="install a wheel of agent-supervisor, or a C compiler (apt-get install gcc)",
+            hint="install a wheel of agent-supervise, or a C compiler (apt-get install gcc)",
         )
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f"{target}.{os.getpid()}.tmp"
@@ -54,7 +54,7 @@ def build_reaper(source: str, target: str) -> None:
     if proc.returncode != 0:
         raise HelperError(
             f"building the reaper helper with {cc} failed: {proc.stderr.strip()[:500]}",
-            hint="install a wheel of agent-supervisor, or a working C compiler",
+            hint="install a wheel of agent-supervise, or a working C compiler",
         )
     os.replace(tmp, target)
 
