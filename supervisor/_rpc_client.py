@@ -1,12 +1,9 @@
-"""The child's side of the budget RPC: ask the supervisor before each LLM call, report after.
+"""The child's channel to the supervisor's ledger: ``connect``, ``Budget``, ``Reservation``.
 
-    from supervisor import client
-    b = client.connect()                 # NotSupervised when not run under supervise
-    with b.reserve(model="gpt-4o-mini", input_tokens=1200, max_output_tokens=500) as r:
-        ...                              # the LLM call
-        r.commit(input_tokens=1180, output_tokens=312)   # leaving without commit releases
-    b.record(model="gpt-4o-mini", input_tokens=1000, output_tokens=500)
-    b.usage()
+Users import these from ``supervisor.client`` (its docstring shows the calls); they live here,
+a leaf beside ``_jsonrpc`` and ``errors``, so that ``client`` (which offers the SDK
+instrumentation) and ``instrument`` / ``_metered`` (which meter through a ``Budget``) each
+import this module and never each other.
 
 Stdlib only and fast to import (no asyncio, json, socket or typing at import time: the C
 modules ``_socket`` and ``_json`` do the work). ``connect()`` sends the supervisor a private
@@ -27,7 +24,7 @@ import stat
 import sys
 
 from . import _jsonrpc as j
-from .errors import BudgetExceeded, RateLimited, SupervisorError
+from .errors import BudgetExceeded, NotSupervised, RateLimited, RpcError, SupervisorError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -37,38 +34,8 @@ if TYPE_CHECKING:
 
     T = TypeVar("T")
 
-__all__ = [
-    "Budget",
-    "BudgetExceeded",
-    "NotSupervised",
-    "RateLimited",
-    "Reservation",
-    "RpcError",
-    "UsageMissing",
-    "connect",
-    "instrument_anthropic",
-    "instrument_openai",
-]
-
 _ATTACH = b'{"jsonrpc":"2.0","method":"attach"}\n'
 _KEEP_NOTIFICATIONS = 64
-
-
-class NotSupervised(SupervisorError):
-    """No budget RPC here: ``SUPERVISE_RPC_FD`` is unset, not a socket, or closed."""
-
-
-class RpcError(SupervisorError):
-    """The supervisor answered with an error (``code``, ``data``) or the channel broke."""
-
-    def __init__(self, message: str, *, code: int = 0, data: object = None) -> None:
-        self.code = code
-        self.data = data
-        super().__init__(message)
-
-
-class UsageMissing(SupervisorError):
-    """A provider response carried no usage; the call was charged at its reservation."""
 
 
 def connect(*, timeout: float | None = 60.0) -> Budget:
@@ -237,6 +204,12 @@ class Budget:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        # No lock and no I/O: a repr must not wait behind a call in flight.
+        attached = self._sock is not None and self._pid == os.getpid()
+        state = "attached" if attached else "not attached"
+        return f"<Budget run_id={self.run_id!r} agent={self.agent!r} fd={self.fd} {state}>"
+
     def _attach(self) -> None:
         try:
             boot = _socket.socket(fileno=os.dup(self.fd))
@@ -326,6 +299,7 @@ class Reservation:
         self.tokens_held = result.get("tokens_held")
         self.result: dict[str, Any] | None = None  # the commit's reply
         self.settled = False
+        self._how = "held"  # what became of it, for the repr
 
     def commit(
         self,
@@ -348,8 +322,10 @@ class Reservation:
             self.result = self.budget.call("commit", params)
         except BudgetExceeded:
             self.settled = True  # the spend is written; the run has a violation
+            self._how = "committed over a limit"
             raise
         self.settled = True
+        self._how = "committed"
         return self.result
 
     def release(self) -> None:
@@ -357,6 +333,7 @@ class Reservation:
         if not self.settled:
             self.budget.call("release", {"reservation": self.id})
             self.settled = True
+            self._how = "released"
 
     async def acommit(self, **kw: Any) -> dict[str, Any]:
         """``commit`` without blocking the event loop."""
@@ -368,6 +345,11 @@ class Reservation:
 
     def __enter__(self) -> Reservation:
         return self
+
+    def __repr__(self) -> str:
+        # The held amounts as the RPC sent them (USD a Decimal), in no money format of ours.
+        held = f"usd_held={self.usd_held} tokens_held={self.tokens_held}"
+        return f"<Reservation {self.id!r} {held} {self._how}>"
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         _release_quietly(self, failing=exc_type is not None)
@@ -397,6 +379,9 @@ class Step:
 
     def __init__(self, budget: Budget, name: str) -> None:
         self.budget, self.name = budget, name
+
+    def __repr__(self) -> str:
+        return f"<Step {self.name!r}>"
 
     def __enter__(self) -> Step:
         self.budget.call("step_begin", {"name": self.name})
@@ -480,17 +465,3 @@ async def _to_thread(fn: Callable[..., T], /, *args: Any, **kw: Any) -> T:
     import asyncio  # only async callers pay for asyncio
 
     return await asyncio.to_thread(fn, *args, **kw)
-
-
-def instrument_openai(client: T, *, label: str | None = None, budget: Budget | None = None) -> T:
-    """Meter an ``OpenAI`` or ``AsyncOpenAI`` client in place (see ``supervisor.instrument``)."""
-    from .instrument import instrument_openai as instrument
-
-    return instrument(client, label=label, budget=budget)
-
-
-def instrument_anthropic(client: T, *, label: str | None = None, budget: Budget | None = None) -> T:
-    """Meter an ``Anthropic`` or ``AsyncAnthropic`` client in place."""
-    from .instrument import instrument_anthropic as instrument
-
-    return instrument(client, label=label, budget=budget)
