@@ -8,7 +8,7 @@
     b.record(model="gpt-4o-mini", input_tokens=1000, output_tokens=500)
     b.usage()
 
-    client = client.instrument_openai(OpenAI())   # or meter an SDK client in one line
+    llm = client.instrument_openai(OpenAI())      # or meter an SDK client in one line
 
 Every error the child can meet is here too: ``BudgetExceeded`` and ``RateLimited`` (both
 ``BudgetError``), ``NotSupervised``, ``RpcError``, ``UsageMissing``, and their base

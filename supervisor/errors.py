@@ -26,7 +26,9 @@ when a budget does end a run (spend written past a limit), the run ends as a lim
 violation, 124. The child's errors (marked "child") are raised in the agent's process by
 ``supervisor.client``, which exports them with ``BudgetError``, ``BudgetExceeded`` and
 ``RateLimited`` (what the child meets; the ledger's ``UnknownModel`` and
-``UnknownReservation`` reach it as an ``RpcError`` with code -32602, invalid params).
+``UnknownReservation`` reach it as an ``RpcError`` with code -32602, invalid params);
+they keep the root's 125 (supervise's side failed or was misused) for a tool that maps
+errors to statuses.
 
 Each carries the facts as fields and a message that says what happened and how to fix it,
 and survives ``pickle`` with its fields (multiprocessing, concurrent.futures).
