@@ -169,6 +169,7 @@ def sample_errors() -> Iterator[errors.SupervisorError]:
 
 
 def same_error(a: BaseException, b: BaseException) -> None:
+    """``a`` is ``b`` again: same class, arguments, message and fields."""
     assert type(a) is type(b)
     assert (a.args, str(a), vars(a)) == (b.args, str(b), vars(b))
 
@@ -390,6 +391,7 @@ def test_client_instrument_and_metered_do_not_import_each_other() -> None:
 
 
 def line_counts() -> dict[str, int]:
+    """Lines of each source module under supervisor/ (Python, Lua, C), by relative path."""
     counts = {}
     for path in sorted(PACKAGE.rglob("*")):
         if path.suffix in {".py", ".lua", ".c"} and path.name not in EXEMPT_FROM_SIZE:
