@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .client import Budget, Reservation, UsageMissing, _to_thread
-from .errors import SupervisorError
+from ._rpc_client import Budget, Reservation, _to_thread
+from .errors import SupervisorError, UsageMissing
 
 Counts = dict[str, int]
 

@@ -9,14 +9,29 @@
     ├── WorkspaceError           the workspace, its jail or network: deny cannot be set up
     ├── HelperError              the reaper helper is missing and cannot be built
     ├── StoreUnavailable         the budget store cannot be reached or used (fail closed)
-    └── BudgetError              the ledger refused an operation (the RPC answers it; not 125)
-        ├── BudgetExceeded       a scope's calls, tokens or usd would go (or went) past its limit
-        ├── RateLimited          calls or tokens per minute: retry after ``retry_after`` seconds
-        ├── UnknownModel         no price for the model under ``unknown_model: deny``
-        └── UnknownReservation   no such hold (never granted, or of another agent)
-    (supervisor.client has the child side's own: NotSupervised, RpcError, UsageMissing)
+    ├── BudgetError              the ledger refused an operation (exit 124, not 125: see below)
+    │   ├── BudgetExceeded       a scope's calls, tokens or usd would go (or went) past its limit
+    │   ├── RateLimited          calls or tokens per minute: retry after ``retry_after`` seconds
+    │   ├── UnknownModel         no price for the model under ``unknown_model: deny``
+    │   └── UnknownReservation   no such hold (never granted, or of another agent)
+    ├── NotSupervised            (child) ``supervisor.client.connect()`` outside supervise
+    ├── RpcError                 (child) the supervisor answered an error, or the channel broke
+    └── UsageMissing             (child) a provider response had no usage; charged its hold
 
-Each carries the facts as fields and a message that says what happened and how to fix it.
+``exit_code`` is the status supervise exits with when the error ends a run or a command
+(SPEC's table): 125 when supervise itself failed or was given something wrong (a store it
+cannot reach included), 126 and 127 when the command cannot be run. A ``BudgetError`` is
+the ledger doing its job, not supervise failing: the RPC answers it and the run goes on;
+when a budget does end a run (spend written past a limit), the run ends as a limit
+violation, 124. The child's errors (marked "child") are raised in the agent's process by
+``supervisor.client``, which exports them with ``BudgetError``, ``BudgetExceeded`` and
+``RateLimited`` (what the child meets; the ledger's ``UnknownModel`` and
+``UnknownReservation`` reach it as an ``RpcError`` with code -32602, invalid params);
+they keep the root's 125 (supervise's side failed or was misused) for a tool that maps
+errors to statuses.
+
+Each carries the facts as fields and a message that says what happened and how to fix it,
+and survives ``pickle`` with its fields (multiprocessing, concurrent.futures).
 """
 
 from __future__ import annotations
@@ -28,6 +43,11 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+def _rebuilt(cls: type[SupervisorError], args: tuple[object, ...]) -> SupervisorError:
+    """An error of ``cls`` with ``args`` and no ``__init__`` run; pickle then sets its fields."""
+    return cls.__new__(cls, *args)
+
+
 class SupervisorError(Exception):
     """Base of every error supervise raises on purpose; the CLI maps it to exit 125."""
 
@@ -37,6 +57,12 @@ class SupervisorError(Exception):
         self.message = message
         self.hint = hint
         super().__init__(message if hint is None else f"{message} ({hint})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce calls cls(*self.args), which fails (or loses fields) when
+        # __init__ takes the facts rather than the message; rebuild without it and let
+        # pickle restore the fields from __dict__ (psutil's errors define __reduce__ too).
+        return _rebuilt, (type(self), self.args), self.__dict__
 
 
 class PolicyError(SupervisorError):
@@ -94,7 +120,13 @@ class StoreUnavailable(SupervisorError):
 
 
 class BudgetError(SupervisorError):
-    """The ledger refused an operation; the RPC turns it into an error reply."""
+    """The ledger refused an operation; the RPC turns it into an error reply.
+
+    Not supervise failing, so not 125: the run goes on; a budget that ends a run (spend
+    written past a limit) ends it as a limit violation, exit 124.
+    """
+
+    exit_code = 124
 
 
 class BudgetExceeded(BudgetError):
@@ -169,6 +201,23 @@ class UnknownReservation(BudgetError):
     def __init__(self, hold_id: str) -> None:
         self.hold_id = hold_id
         super().__init__(f"no reservation {hold_id!r}", hint="use the id reserve returned")
+
+
+class NotSupervised(SupervisorError):
+    """(child) No budget RPC here: ``SUPERVISE_RPC_FD`` is unset, not a socket, or closed."""
+
+
+class RpcError(SupervisorError):
+    """(child) The supervisor answered with an error (``code``, ``data``) or the channel broke."""
+
+    def __init__(self, message: str, *, code: int = 0, data: object = None) -> None:
+        self.code = code
+        self.data = data
+        super().__init__(message)
+
+
+class UsageMissing(SupervisorError):
+    """(child) A provider response carried no usage; the call was charged at its reservation."""
 
 
 def _show(limit: str, value: int | Decimal) -> str:

@@ -35,10 +35,12 @@ import inspect
 from typing import Any, TypeVar
 
 from . import _metered as m
-from .client import Budget, UsageMissing, connect
+from ._rpc_client import Budget, connect
+from .errors import UsageMissing
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT",
+    "UsageMissing",
     "estimate_input_tokens",
     "instrument_anthropic",
     "instrument_openai",
@@ -183,6 +185,3 @@ def _wrap_stream_helper(resource: object, budget: Budget, label: str | None) -> 
 
     stream.__supervise_original__ = original  # type: ignore[attr-defined]
     resource.stream = stream  # type: ignore[attr-defined]
-
-
-__all__ += ["UsageMissing"]
