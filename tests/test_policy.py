@@ -700,6 +700,32 @@ def test_no_overrides_is_the_same_policy() -> None:
     assert Policy.default().with_overrides([]) == Policy.default()
 
 
+def test_overrides_as_a_mapping() -> None:
+    """with_overrides takes {dotted key: value}: values as they are (None = off), no YAML."""
+    base = Policy.default()
+    policy = base.with_overrides(
+        {"limits.wall_time": "10s", "limits.memory": None, "env.set.A.B": "0755", "name": "null"}
+    )
+    assert (policy.limits.wall_time, policy.limits.memory) == (10.0, None)
+    assert (policy.env.set["A.B"], policy.name) == ("0755", "null")
+    assert policy == base.with_overrides(
+        ["limits.wall_time=10s", "limits.memory=null", "env.set.A.B=0755", 'name="null"']
+    )
+    assert base.with_overrides({}) is base
+    with pytest.raises(PolicyError) as info:
+        base.with_overrides({"limits.wall_time": "ten", "limits.memroy": 1})
+    assert info.value.problems == [
+        'override limits.wall_time="ten": "ten" is not a duration (try 30s, 5m)',
+        "override limits.memroy=1: unknown key limits.memroy (did you mean limits.memory?)",
+    ]
+
+
+def test_overrides_refuse_one_string() -> None:
+    """A single "KEY=VALUE" string is refused (it would be read as one item per character)."""
+    with pytest.raises(TypeError, match=r"not one string: try \['limits.memory=1GiB'\]"):
+        Policy.default().with_overrides("limits.memory=1GiB")
+
+
 @pytest.mark.parametrize(
     ("item", "expected"),
     [
