@@ -21,6 +21,7 @@ from supervisor._units import (
     parse_duration,
     parse_money,
     parse_size,
+    show_value,
 )
 from supervisor.errors import PolicyError, SupervisorError
 from supervisor.policy import AuditPolicy, EnvPolicy, Limits, Policy
@@ -239,6 +240,26 @@ def test_format_duration(seconds: float, text: str) -> None:
 def test_format_money(amount: str, text: str) -> None:
     """Money is shown with at least cents and at most micro-USD."""
     assert format_money(Decimal(amount)) == text
+
+
+@pytest.mark.parametrize(
+    ("unit", "value", "text"),
+    [
+        ("usd", Decimal("0.00045"), "$0.00045"),
+        ("usd", 5, "$5.00"),
+        ("usd", 0.5, "$0.50"),
+        ("usd", "1e999", "1e999"),
+        ("seconds", 1.5, "1.5 seconds"),
+        ("s", 1 / 3, "0.333333 s"),
+        ("tokens", 500, "500"),
+        ("calls", 3, "3"),
+        (None, 7, "7"),
+        ("bytes", None, ""),
+    ],
+)
+def test_show_value(unit: str | None, value: object, text: str) -> None:
+    """One value formatter: money as format_money, floats to 6 digits, the unit after."""
+    assert show_value(unit, value) == text
 
 
 @pytest.mark.parametrize(
