@@ -1,8 +1,10 @@
-"""Reading the audit log for people: the per-agent summary, and following a live log.
+"""Reading the audit log for people: select, one line per record, the summary, following.
 
-``summarize`` folds records into one row per agent (runs, violations by limit, warnings,
-denials, spend); ``follow`` yields records as writers append them, across rotations, the
-way ``tail -F`` does. Imported by ``supervise audit`` only, never on a run's path.
+``parse_since`` and ``filter_events`` select records; ``format_event`` writes one as a
+terminal line; ``summarize`` folds records into one row per agent (runs, violations by
+limit, warnings, denials, spend); ``follow`` yields records as writers append them, across
+rotations, the way ``tail -F`` does. Imported by ``supervise audit`` (and through
+``supervisor.audit``'s lazy names), never on a run's path.
 """
 
 from __future__ import annotations
@@ -12,16 +14,89 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from .audit import log_files, read_events
+from ._audit_chain import EVENTS, log_files
+from ._audit_read import read_events
+from ._units import format_money, show_value
 
-__all__ = ["AgentSummary", "follow", "format_summary", "summarize"]
+__all__ = [
+    "AgentSummary", "filter_events", "follow", "format_event", "format_summary", "parse_since",
+    "summarize",
+]  # fmt: skip
 
 NO_AGENT = "-"  # the row of runs that named no agent
 # A flood of denials is logged 5 a second; the next line logged counts the rest.
 _MORE_DENIALS = re.compile(r"\((\d+) more denials not logged one by one\)")
+_TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, *, now: datetime | None = None) -> datetime:
+    """An aware UTC datetime: ISO 8601 (naive means UTC), or now minus 30s, 15m, 1h, 7d."""
+    value = text.strip()
+    unit = _UNITS.get(value[-1:])
+    if unit is not None and value[:-1].isdigit() and value[:-1].isascii():
+        now = now if now is not None else datetime.now(UTC)
+        return now.astimezone(UTC) - timedelta(seconds=int(value[:-1]) * unit)
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f'"{text}" is not a time (try 1h, 7d or 2026-11-24T10:00:00Z)') from None
+    # Naive times are UTC, because every time the log shows is UTC.
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def filter_events(
+    events: Iterable[dict[str, Any]],
+    *,
+    agent: str | None = None,
+    session: str | None = None,
+    event: str | None = None,
+    limit: str | None = None,
+    since: datetime | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The records that match every given field (exact match) and are not older than ``since``."""
+    if event is not None and event not in EVENTS:
+        raise ValueError(f"{event!r} is not an audit event (one of {', '.join(EVENTS)})")
+    wanted = {"agent": agent, "session": session, "event": event, "limit": limit}
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    floor = None
+    if since is not None:
+        aware = since.replace(tzinfo=UTC) if since.tzinfo is None else since
+        # ts strings share one fixed UTC format, so they compare in time order as text.
+        floor = aware.astimezone(UTC).strftime(_TS_FORMAT)
+    return (
+        r
+        for r in events
+        if all(r.get(k) == v for k, v in wanted.items())
+        and (floor is None or str(r.get("ts", "")) >= floor)
+    )
+
+
+def format_event(record: dict[str, Any]) -> str:
+    """One line for a terminal: time, event, run, agent, session, limit, action, detail."""
+    ts = str(record.get("ts") or "?")
+    if len(ts) > 20 and ts.endswith("Z"):
+        ts = ts[:19] + "Z"  # seconds are enough on a terminal; --json has the rest
+    parts = [ts, str(record.get("event")), f"run={record.get('run_id')}"]
+    for key in ("agent", "session"):
+        if record.get(key) is not None:
+            parts.append(f"{key}={record[key]}")
+    if record.get("limit") is not None:
+        unit = record.get("unit")
+        unit = unit if isinstance(unit, str) else None if unit is None else str(unit)
+        shown = [show_value(unit, record.get(k)) for k in ("observed", "limit_value")]
+        sign = ">" if record.get("event") in ("violation", "denied") else "/"
+        parts.append(f"{record['limit']} {f' {sign} '.join(s for s in shown if s)}".rstrip())
+    if record.get("action") is not None:
+        parts.append(str(record["action"]))
+    detail = record.get("detail")
+    if detail is not None:
+        parts.append(detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True))
+    return "  ".join(parts)
 
 
 class AgentSummary:
@@ -139,7 +214,7 @@ def format_summary(rows: list[AgentSummary]) -> str:
                 str(row.warnings),
                 str(row.denied),
                 str(row.api_calls),
-                f"${row.usd:.6f}".rstrip("0").rstrip(".") if row.usd else "$0",
+                format_money(row.usd),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

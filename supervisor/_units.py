@@ -31,6 +31,7 @@ __all__ = [
     "parse_size",
     "printable",
     "show",
+    "show_value",
 ]
 
 # rlimits are 64-bit and RLIM_INFINITY is all ones: anything larger cannot be enforced.
@@ -278,6 +279,27 @@ def format_money(amount: Decimal) -> str:
     whole, _, fraction = f"{abs(rounded):f}".partition(".")
     fraction = fraction.rstrip("0").ljust(2, "0")
     return f"{'-' if rounded < 0 else ''}${whole}.{fraction}"
+
+
+# Limits counted in themselves: their values need no unit word after them.
+_BARE = frozenset(("calls", "tokens", "rate", "processes", "open_files", "files"))
+
+
+def show_value(limit_or_unit: str | None, value: object) -> str:
+    """A measured value or a limit for people: ``""`` for None; money as ``format_money``
+    (``usd``); else the number (a float to 6 significant digits) and the unit after it
+    (``1.5 s``, ``2048 bytes``), none for a limit counted in itself (``tokens``: ``500``)."""
+    if value is None:
+        return ""
+    if limit_or_unit == "usd" and isinstance(value, int | float | str | Decimal):
+        try:
+            return format_money(Decimal(str(value)))
+        except (ArithmeticError, ValueError):
+            pass  # not an amount (an edited log, 1e999): shown as it is below
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    if limit_or_unit and limit_or_unit != "usd" and limit_or_unit not in _BARE:
+        return f"{text} {limit_or_unit}"
+    return text
 
 
 def compact_size(size: int) -> str | int:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_cli(args: list[str]) -> int:
     if args and args[0] in SUBCOMMANDS and args[0] != "run":
-        from ._commands import commands
+        from ._cli_commands import commands
 
         return commands(args)
     if args and args[0] == "run":

@@ -6,29 +6,28 @@ with one line per problem, each naming the file, the line and the key path::
     policy.yaml:7 limits.memory: "2 gigs" is not a size (try 2GiB)
 
 Sizes are stored in bytes and durations in seconds; absent limits are ``None`` (not limited).
-``with_overrides`` applies ``--set KEY=VALUE`` items; ``sha256`` fingerprints the effective
-policy for the audit log. The ``budget`` section's models live in
-``supervisor.budget._policy``.
+``with_overrides`` applies a mapping of dotted keys or ``--set KEY=VALUE`` items; ``sha256``
+fingerprints the effective policy for the audit log. The ``budget`` section's models live in
+``supervisor.budget._policy``; the YAML loader that maps key paths to lines in
+``supervisor._yaml``; the wording of problems and ``--set`` in ``supervisor._policy_errors``.
 """
 
 from __future__ import annotations
 
-import difflib
 import errno
 import functools
 import json
 import os
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date
 from importlib import resources
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
-from pydantic_core import ErrorDetails
 
 from supervisor._hash import sha256
+from supervisor._policy_errors import UNBUILT, explain, override
 from supervisor._units import (
     MAX_SIZE,
     compact_duration,
@@ -36,19 +35,14 @@ from supervisor._units import (
     parse_duration,
     parse_size,
     parse_whole,
-    printable,
     show,
 )
-from supervisor.budget._policy import BudgetPolicy, ModelPricing, RateLimits, ScopeLimits
+from supervisor._yaml import CYCLE, Loc, dotted, line_of, read_yaml, yaml_problem
+from supervisor._yaml import walk as walk_yaml
+from supervisor.budget._policy import BudgetPolicy, RateLimits, ScopeLimits
 from supervisor.errors import PolicyError
 
 __all__ = ["AuditPolicy", "EnvPolicy", "Limits", "Policy", "WorkspacePolicy"]
-
-_Loc = tuple[str | int, ...]
-
-# Sections of the product's schema that are not built yet are refused, never ignored: a
-# limit that is silently dropped would let a run think it is limited when it is not.
-_UNBUILT: tuple[str, ...] = ()
 
 
 def _limit(parse: Callable[[object], float], minimum: float = 0, why: str = "") -> Any:
@@ -260,17 +254,17 @@ class Policy(_Model):
     @classmethod
     def from_yaml(cls, text: str, source: str = "<string>") -> Policy:
         """Validate a policy given as YAML text; ``source`` names it in messages."""
-        lines: dict[_Loc, int] = {}
-        texts: dict[_Loc, str] = {}
-        problems: list[tuple[_Loc, str]] = []
+        lines: dict[Loc, int] = {}
+        texts: dict[Loc, str] = {}
+        problems: list[tuple[Loc, str]] = []
 
         def walk(node: yaml.Node) -> None:
-            problems.extend(_walk(node, (), lines, texts))
+            problems.extend(walk_yaml(node, (), lines, texts))
 
         try:
-            root, data = _read_yaml(text, walk)
+            root, data = read_yaml(text, walk)
         except yaml.YAMLError as error:
-            line, problem = _yaml_problem(error, text, "check indentation and quoting")
+            line, problem = yaml_problem(error, text, "check indentation and quoting")
             where = source if line is None else f"{source}:{line}"
             raise PolicyError([f"{where}: not valid YAML: {problem}"], source=source) from None
         if data is None:
@@ -281,7 +275,7 @@ class Policy(_Model):
             kind = "a list" if isinstance(data, list) else show(data)
             problem = f'the policy must be a mapping of keys, got {kind} (start with "version: 1")'
             raise PolicyError([f"{source}:{root.start_mark.line + 1}: {problem}"], source=source)
-        if any(message == _CYCLE for _, message in problems):
+        if any(message == CYCLE for _, message in problems):
             return cls._build({}, source, lines, problems)  # pydantic would recurse forever
         env = data.get("env")
         if isinstance(env, dict) and isinstance(env.get("set"), dict):
@@ -312,22 +306,22 @@ class Policy(_Model):
         cls,
         data: dict[Any, Any],
         source: str,
-        lines: dict[_Loc, int] | None,
-        problems: list[tuple[_Loc, str]],
+        lines: dict[Loc, int] | None,
+        problems: list[tuple[Loc, str]],
     ) -> Policy:
         found: list[tuple[int, str]] = []
 
-        def report(path: _Loc, message: str) -> None:
+        def report(path: Loc, message: str) -> None:
             if lines is None:
-                found.append((0, f"{source} {_dotted(path)}: {message}"))
+                found.append((0, f"{source} {dotted(path)}: {message}"))
             else:
-                line = _line(lines, path)
-                found.append((line, f"{source}:{line} {_dotted(path)}: {message}"))
+                line = line_of(lines, path)
+                found.append((line, f"{source}:{line} {dotted(path)}: {message}"))
 
         for path, message in problems:
             report(path, message)
         data = dict(data)
-        for key in _UNBUILT:
+        for key in UNBUILT:
             if key in data:
                 report(
                     (key,), "not supported yet by this version of supervise (remove the section)"
@@ -336,7 +330,7 @@ class Policy(_Model):
         try:
             policy = cls.model_validate(data)
         except ValidationError as error:
-            for path, message in _explain(error):
+            for path, message in explain(error, _SECTIONS):
                 report(path, message)
         if found:
             # In file order, each problem once (sorted() is stable for problems on one line).
@@ -345,47 +339,13 @@ class Policy(_Model):
         policy._source = source
         return policy
 
-    def with_overrides(self, items: Iterable[str]) -> Policy:
-        """A new policy with ``--set KEY=VALUE`` items applied (VALUE is YAML; null = off)."""
-        items = list(items)
-        if not items:
+    def with_overrides(self, overrides: Mapping[str, object] | Iterable[str]) -> Policy:
+        """A new policy with overrides applied: a mapping of dotted keys to values
+        (``{"limits.wall_time": "10s", "limits.memory": None}``), or ``--set KEY=VALUE``
+        items (VALUE is YAML; null = off). Raises PolicyError naming each bad item."""
+        policy = override(self.to_dict(), overrides, _SECTIONS, type(self).model_validate)
+        if policy is None:
             return self
-        data = self.to_dict()
-        problems: list[tuple[int, str]] = []
-        applied: list[tuple[_Loc, int]] = []
-        for index, item in enumerate(items):
-            key, equals, raw = item.partition("=")
-            path: _Loc = tuple(key.strip().split("."))
-            if path[:2] in _NAMED and len(path) > 2:
-                # Variable and model names may contain dots; all after env.set. is the name.
-                path = (*path[:2], ".".join(str(part) for part in path[2:]))
-            trouble = _check_path(path) if equals and key.strip() else _KEY_VALUE
-            if trouble is None:
-                try:
-                    # env values are text: FOO=0755 must stay "0755", not YAML's octal 493.
-                    value = raw if len(path) == 3 and path[0] == "env" else _yaml_value(raw)
-                    trouble = _put(data, path, value)
-                except yaml.YAMLError as error:
-                    trouble = "not valid YAML: " + _yaml_problem(error, raw, "quote the value")[1]
-            if trouble is None:
-                applied.append((path, index))
-            else:
-                problems.append((index, trouble))
-        try:
-            policy = type(self).model_validate(data)
-        except ValidationError as error:
-            for loc, message in _explain(error):
-                # The base policy was valid, so the last item that touched loc is to blame.
-                owners = [(p, i) for p, i in applied if loc[: len(p)] == p or p[: len(loc)] == loc]
-                path, index = owners[-1]
-                inner = f"{_dotted(loc)}: " if len(loc) > len(path) else ""
-                problems.append((index, inner + message))
-        if problems:
-            lines = [
-                f"--set {printable(items[index])}: {text}"
-                for index, text in sorted(problems, key=lambda pair: pair[0])
-            ]
-            raise PolicyError(list(dict.fromkeys(lines)), source="--set")
         policy._source = self._source
         policy._source_text = self._source_text
         return policy
@@ -419,7 +379,7 @@ class Policy(_Model):
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-_SECTIONS: dict[_Loc, type[BaseModel]] = {
+_SECTIONS: dict[Loc, type[BaseModel]] = {
     (): Policy,
     ("limits",): Limits,
     ("workspace",): WorkspacePolicy,
@@ -429,290 +389,9 @@ _SECTIONS: dict[_Loc, type[BaseModel]] = {
     ("budget", "rate"): RateLimits,
     ("audit",): AuditPolicy,
 }
-# Mappings whose keys are names, not schema: everything after the prefix is one name
-# (variable and model names may contain dots).
-_NAMED = {("env", "set"): "env.set.FOO=bar", ("budget", "pricing"): "budget.pricing.NAME={...}"}
 
 
 @functools.cache
 def _default() -> Policy:
     text = resources.files("supervisor").joinpath("default.yaml").read_text(encoding="utf-8")
     return Policy.from_yaml(text, source="<default>")
-
-
-_KEY_VALUE = "expected KEY=VALUE (e.g. --set limits.wall_time=10s)"
-_CYCLE = "refers to itself (remove the alias)"
-# A policy is 4 levels deep. PyYAML's composer recurses once per level, so a deeper document
-# ("[[[[...") is refused before it can exhaust the stack.
-_MAX_DEPTH = 32
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class _TooDeep(yaml.composer.ComposerError):
-    """A document nested deeper than any policy is."""
-
-
-class _Unreadable(yaml.constructor.ConstructorError):
-    """A scalar YAML cannot turn into its type (its problem says the fix)."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with a nesting limit, and scalars it cannot read as YAML errors with a line.
-
-    SafeLoader lets ``ValueError`` and friends out for ``2024-13-01`` (a timestamp in month
-    13), ``!!int x`` or a 5000-digit number; here they say which value, where, and the fix.
-    """
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        self._depth += 1
-        try:
-            if self._depth > _MAX_DEPTH:
-                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]  # untyped stub
-                problem = f"nested more than {_MAX_DEPTH} levels deep"
-                raise _TooDeep(None, None, problem, mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except yaml.YAMLError:
-            raise
-        except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as error:
-            kind = str(node.tag).rpartition(":")[2]
-            if kind == "int" and isinstance(error, ValueError) and "digits" in str(error):
-                problem = f"a number of {len(str(node.value))} digits is too long to read"
-                problem += f" (no limit takes more than {len(str(MAX_SIZE))})"
-            else:
-                # int(), float() and date() say what is wrong; a KeyError would only echo.
-                why = f": {error}" if isinstance(error, ArithmeticError | ValueError) else ""
-                problem = (
-                    f"{show(node.value)} is not a valid {kind}{why} (quote it to make it text)"
-                )
-            raise _Unreadable(None, None, problem, node.start_mark) from None
-
-
-def _read_yaml(text: str, walk: Callable[[yaml.Node], object]) -> tuple[yaml.Node | None, Any]:
-    """The root node and the data of one YAML document, ``walk`` run on the nodes between.
-
-    The walk sees the document as written: before construction expands merge keys (``<<``).
-    Raises ``yaml.YAMLError`` for anything that is not one readable document.
-    """
-    loader = None
-    try:
-        loader = _Loader(text)  # the reader refuses control characters right here
-        root = loader.get_single_node()
-        if root is None:
-            return None, None
-        walk(root)
-        return root, loader.construct_document(root)
-    except RecursionError:
-        # A chain of merge keys (a: &a {<<: *b}...) recurses in construction; compose
-        # already stopped deep nesting.
-        problem = "merge keys (<<) chained too deep (merge fewer levels)"
-        raise _Unreadable(None, None, problem, None) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def _yaml_value(text: str) -> Any:
-    """A ``--set`` value: YAML, held to what a policy file is (nesting, duplicates, text)."""
-    problems: list[tuple[_Loc, str]] = []
-    _, value = _read_yaml(text, lambda node: problems.extend(_walk(node, (), {}, {})))
-    if problems:
-        path, message = problems[0]
-        where = f"{_dotted(path)}: " if path else ""
-        raise _Unreadable(None, None, where + message, None)  # it says its own fix
-    return value
-
-
-def _yaml_problem(error: yaml.YAMLError, text: str, fix: str) -> tuple[int | None, str]:
-    """(1-based line or None, ``problem (fix)``) for a YAML error, in one line."""
-    if isinstance(error, yaml.reader.ReaderError):
-        line = text.count("\n", 0, error.position) + 1 if isinstance(error.position, int) else None
-        code = error.character if isinstance(error.character, int) else ord(str(error.character))
-        if 0xDC80 <= code <= 0xDCFF:  # how Python hands on a byte that is not UTF-8 (argv)
-            return line, f"the byte 0x{code - 0xDC00:02x} is not UTF-8 text (write it in UTF-8)"
-        if 0xD800 <= code <= 0xDFFF:
-            return line, _surrogate(chr(code))
-        escape = f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-        problem = f"the character U+{code:04X} is not allowed in YAML"
-        return line, f'{problem} (remove it, or write it as "{escape}" in double quotes)'
-    if not isinstance(error, yaml.MarkedYAMLError):
-        return None, f"{error} ({fix})"
-    mark = error.problem_mark or error.context_mark
-    line = mark.line + 1 if mark is not None else None
-    problem = error.problem or error.context or "syntax error"
-    if error.context and problem.startswith("but "):  # "expected a single document ..."
-        problem = f"{error.context}, {problem}"
-    if "\\t" in problem:
-        fix = "indent with spaces, not tabs"
-    elif "another document" in problem:
-        fix = "a policy is one document: remove the second ---"
-    elif isinstance(error, _TooDeep):
-        fix = "a policy is 4 levels deep"
-    elif isinstance(error, _Unreadable):
-        return line, problem  # it says its own fix
-    return line, f"{problem} ({fix})"
-
-
-def _walk(
-    node: yaml.Node, path: _Loc, lines: dict[_Loc, int], texts: dict[_Loc, str]
-) -> list[tuple[_Loc, str]]:
-    """Note the 1-based line of every key path and the text of every scalar; find duplicates."""
-    todo: list[tuple[yaml.Node, _Loc, frozenset[int]]] = [(node, path, frozenset())]
-    problems: list[tuple[_Loc, str]] = []
-    walked: set[int] = set()
-    while todo:
-        node, path, above = todo.pop()
-        if id(node) in above:  # an alias of its own ancestor
-            problems.append((path, _CYCLE))
-            continue
-        if id(node) in walked:  # an alias walked before: once is enough (and not exponential)
-            continue
-        walked.add(id(node))
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.ScalarNode):
-            texts[path] = node.value
-            if _SURROGATE.search(node.value):
-                problems.append((path, _surrogate(node.value)))
-        children: list[tuple[yaml.Node, _Loc]] = []
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[_Loc, int] = {}
-            for key, value in node.value:
-                child = (*path, key.value if isinstance(key, yaml.ScalarNode) else "?")
-                if isinstance(key, yaml.ScalarNode) and _SURROGATE.search(key.value):
-                    problems.append((child, "the key: " + _surrogate(key.value)))
-                if child in seen:
-                    message = f"duplicate key (also on line {seen[child]}; keep one)"
-                    problems.append((child, message))
-                seen[child] = lines[child] = key.start_mark.line + 1
-                children.append((value, child))
-        elif isinstance(node, yaml.SequenceNode):
-            children = [(item, (*path, index)) for index, item in enumerate(node.value)]
-        todo += [(child, where, above | {id(node)}) for child, where in reversed(children)]
-    return problems
-
-
-def _surrogate(text: str) -> str:
-    # "\ud83d\ude00" (JSON's escape of one emoji) reads in YAML as two halves, not a character;
-    # no file name, variable or name can hold one.
-    half = _SURROGATE.search(text)
-    assert half is not None
-    code = ord(half[0])
-    return (
-        f"\\u{code:04x} is half of a UTF-16 pair, not a character "
-        "(write the character itself, or escape it whole as \\U0001F600)"
-    )
-
-
-def _line(lines: dict[_Loc, int], path: _Loc) -> int:
-    """The line of ``path``, or of its nearest parent that is in the file (for a missing key)."""
-    for depth in range(len(path), -1, -1):
-        for candidate in (path[:depth], tuple(str(part) for part in path[:depth])):
-            if candidate in lines:
-                return lines[candidate]
-    return 1
-
-
-def _dotted(path: _Loc) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
-    return printable(text)  # a key may hold a line break ("a\nb": 1)
-
-
-def _known_keys(section: _Loc) -> list[str]:
-    model = _SECTIONS.get(section)
-    if section[:2] == ("budget", "pricing") and len(section) == 3:
-        model = ModelPricing  # budget.pricing.NAME: a model's prices
-    keys = list(model.model_fields) if model is not None else []
-    return keys + list(_UNBUILT) if section == () else keys
-
-
-def _unknown(key: object, section: _Loc, full: bool = False) -> str:
-    """``unknown key (did you mean memory?)``, or the list of known keys when nothing is close."""
-    known = _known_keys(section)
-    prefix = _dotted(section) + "." if full and section else ""
-    close = difflib.get_close_matches(str(key), known, n=1)
-    name = f" {printable(f'{prefix}{key}') or show('')}" if full else ""
-    if close:
-        return f"unknown key{name} (did you mean {prefix}{close[0]}?)"
-    return f"unknown key{name} (known keys: {', '.join(known)})"
-
-
-_EXPECTED = {
-    "string": "text",
-    "int": "a whole number",
-    "float": "a number",
-    "bool": "true or false",
-    "dict": "a mapping (indented KEY: VALUE lines)",
-    "model": "a mapping (indented KEY: VALUE lines)",
-    "list": "a list",
-}
-
-
-def _explain(error: ValidationError) -> list[tuple[_Loc, str]]:
-    """Turn pydantic's errors into (key path, readable message) pairs."""
-    explained = []
-    for detail in error.errors():
-        path: _Loc = tuple(part for part in detail["loc"] if part != "[key]")
-        if detail["type"] in ("extra_forbidden", "invalid_key"):
-            path = (*path[:-1], str(path[-1]))  # a key, even when YAML read it as a number
-        explained.append((path, _message(detail, path)))
-    return explained
-
-
-def _message(detail: ErrorDetails, path: _Loc) -> str:
-    kind, value, context = detail["type"], detail.get("input"), detail.get("ctx") or {}
-    if kind in ("value_error", "assertion_error") and "error" in context:
-        return str(context["error"])
-    if kind in ("extra_forbidden", "invalid_key"):
-        return _unknown(path[-1], path[:-1])
-    if kind == "literal_error":
-        choices = re.findall(r"'([^']*)'", str(context.get("expected", "")))
-        return f"{show(value)} is not one of: {', '.join(choices)}"
-    if kind == "missing":
-        return "is required"
-    expected = _EXPECTED.get(kind.split("_")[0])
-    if expected is not None:
-        return f"expected {expected}, got {show(value)}"
-    return f"{detail['msg']}, got {show(value)}"
-
-
-def _check_path(path: _Loc) -> str | None:
-    """Why ``--set`` cannot use this key path, or None when it names a real key."""
-    section: _Loc = ()
-    for depth, part in enumerate(path):
-        if section not in _SECTIONS:
-            if section in _NAMED and depth == len(path) - 1:
-                example = _NAMED[section]
-                return None if part else f"{_dotted(section)}. needs a name (e.g. --set {example})"
-            return f"{_dotted(section)} is not a section (try --set {_dotted(section)}=VALUE)"
-        if depth == 0 and part in _UNBUILT:
-            return f"{part}: not supported yet by this version of supervise"
-        if part not in _SECTIONS[section].model_fields:
-            return _unknown(part, section, full=True)
-        section = (*section, part)
-    return None
-
-
-def _put(data: dict[str, Any], path: _Loc, value: object) -> str | None:
-    node: Any = data
-    for depth, part in enumerate(path[:-1]):
-        if node.get(part) is None and (
-            path[: depth + 1] in _SECTIONS or path[: depth + 1] in _NAMED
-        ):
-            node[part] = {}  # e.g. --set budget.daily.usd=5 on a policy without a budget
-        node = node.get(part)
-        if not isinstance(node, dict):
-            where = _dotted(path[: depth + 1])
-            return f"{where} is not a mapping here (an earlier --set replaced it)"
-    node[path[-1]] = value
-    return None

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from .budget.ledger import MICRO, Store
+from ._units import format_money
+from .budget.ledger import MICRO, Store, to_usd
 
 __all__ = [
     "DIMENSIONS", "Charge", "Row", "breakdown", "chart_lines", "costs", "daily", "money",
@@ -64,7 +65,7 @@ class Row:
 
     @property
     def usd(self) -> Decimal:
-        return Decimal(self.micro_usd) / MICRO
+        return to_usd(self.micro_usd)
 
     def share(self, total: int) -> float:
         return self.micro_usd / total if total else 0.0
@@ -179,11 +180,8 @@ def daily(charges: Iterable[Charge]) -> tuple[list[str], list[str], dict[tuple[s
 
 
 def money(micro: int) -> str:
-    """``$12.345678`` trimmed: exact to the micro-dollar, no float on the way."""
-    sign = "-" if micro < 0 else ""
-    whole, frac = divmod(abs(micro), MICRO)
-    text = f"{whole}.{frac:06d}".rstrip("0").rstrip(".")
-    return f"{sign}${text}"
+    """Micro-USD for people, as every supervise report writes money (``$5.00``, ``$0.00045``)."""
+    return format_money(to_usd(micro))
 
 
 def _table(title: str, rows: list[Row], total: int) -> list[str]:

@@ -21,6 +21,7 @@ from supervisor._units import (
     parse_duration,
     parse_money,
     parse_size,
+    show_value,
 )
 from supervisor.errors import PolicyError, SupervisorError
 from supervisor.policy import AuditPolicy, EnvPolicy, Limits, Policy
@@ -239,6 +240,26 @@ def test_format_duration(seconds: float, text: str) -> None:
 def test_format_money(amount: str, text: str) -> None:
     """Money is shown with at least cents and at most micro-USD."""
     assert format_money(Decimal(amount)) == text
+
+
+@pytest.mark.parametrize(
+    ("unit", "value", "text"),
+    [
+        ("usd", Decimal("0.00045"), "$0.00045"),
+        ("usd", 5, "$5.00"),
+        ("usd", 0.5, "$0.50"),
+        ("usd", "1e999", "1e999"),
+        ("seconds", 1.5, "1.5 seconds"),
+        ("s", 1 / 3, "0.333333 s"),
+        ("tokens", 500, "500"),
+        ("calls", 3, "3"),
+        (None, 7, "7"),
+        ("bytes", None, ""),
+    ],
+)
+def test_show_value(unit: str | None, value: object, text: str) -> None:
+    """One value formatter: money as format_money, floats to 6 digits, the unit after."""
+    assert show_value(unit, value) == text
 
 
 @pytest.mark.parametrize(
@@ -698,6 +719,32 @@ def test_override_null_turns_a_limit_off() -> None:
 def test_no_overrides_is_the_same_policy() -> None:
     """An empty --set list changes nothing."""
     assert Policy.default().with_overrides([]) == Policy.default()
+
+
+def test_overrides_as_a_mapping() -> None:
+    """with_overrides takes {dotted key: value}: values as they are (None = off), no YAML."""
+    base = Policy.default()
+    policy = base.with_overrides(
+        {"limits.wall_time": "10s", "limits.memory": None, "env.set.A.B": "0755", "name": "null"}
+    )
+    assert (policy.limits.wall_time, policy.limits.memory) == (10.0, None)
+    assert (policy.env.set["A.B"], policy.name) == ("0755", "null")
+    assert policy == base.with_overrides(
+        ["limits.wall_time=10s", "limits.memory=null", "env.set.A.B=0755", 'name="null"']
+    )
+    assert base.with_overrides({}) is base
+    with pytest.raises(PolicyError) as info:
+        base.with_overrides({"limits.wall_time": "ten", "limits.memroy": 1})
+    assert info.value.problems == [
+        'override limits.wall_time="ten": "ten" is not a duration (try 30s, 5m)',
+        "override limits.memroy=1: unknown key limits.memroy (did you mean limits.memory?)",
+    ]
+
+
+def test_overrides_refuse_one_string() -> None:
+    """A single "KEY=VALUE" string is refused (it would be read as one item per character)."""
+    with pytest.raises(TypeError, match=r"not one string: try \['limits.memory=1GiB'\]"):
+        Policy.default().with_overrides("limits.memory=1GiB")
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ each run made, and against the ledger's own scopes (``budget status``).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,11 +20,11 @@ import pytest
 from conftest import python, supervise
 
 from supervisor import Policy, Supervisor
-from supervisor._audit_view import summarize
+from supervisor._audit_view import format_summary, summarize
 from supervisor.audit import read_events
 from supervisor.budget._policy import BudgetPolicy
 from supervisor.budget.ledger import Ledger, open_store
-from supervisor.report import breakdown, chart_lines, costs
+from supervisor.report import breakdown, chart_lines, costs, money
 
 PRICES = {"m1": {"input": 1, "output": 2}, "m2": {"input": 3, "output": 15}}  # USD per 1M
 
@@ -215,7 +216,17 @@ def test_audit_summary_matches_the_runs(history: tuple[str, Path]) -> None:
     lines = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
     assert lines["coder"][1:5] == ["1", "1", "wall_time", "1"]
     total = sum(v[3] for v in spend.values())
-    assert lines["total"][-1] == "$" + str(Decimal(total) / 1_000_000).rstrip("0")
+    shown = lines["total"][-1]
+    assert re.fullmatch(r"\$\d+\.\d{2,6}", shown) and Decimal(shown[1:]) * 1_000_000 == total
+
+
+def test_money_reads_the_same_in_every_report() -> None:
+    """The ledger report and the audit summary write money one way: cents at least, exact."""
+    assert [money(m) for m in (5_000_000, 100_000, 450, 0, -2_000_000)] == [
+        "$5.00", "$0.10", "$0.00045", "$0.00", "-$2.00",
+    ]  # fmt: skip
+    run_end = {"event": "run_end", "agent": "a", "detail": {"usage": {"usd": "5"}}}
+    assert format_summary(summarize([run_end])).splitlines()[1].endswith("  $5.00")
 
 
 def test_report_by_day_and_chart_over_several_days(tmp_path: Path) -> None:

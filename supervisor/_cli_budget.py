@@ -1,6 +1,6 @@
-"""``supervise budget status|reset`` and ``supervise models``: the ledger and the price table.
+"""The ledger's commands: ``supervise budget status|reset``, ``models`` and ``report``.
 
-Registered on the click group of ``_commands``; imported only when one of them is named.
+Registered on the click group of ``_cli_commands``; imported only when a subcommand is named.
 """
 
 from __future__ import annotations
@@ -187,3 +187,62 @@ def models(pattern: str | None, policy_path: str | None, as_json: bool) -> None:
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     for line in lines:
         click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+@click.command()
+@click.option("--since", help="Only spend since: ISO time, or 30m, 1h, 7d ago.")
+@click.option("--agent", help="Only this agent's spend.")
+@click.option(
+    "--by",
+    "dimensions",
+    multiple=True,
+    type=click.Choice(["agent", "model", "label", "session", "run", "day"]),
+    help="A table by this (repeatable; default: agent, model and label).",
+)
+@click.option("--store", "store_url", metavar="URL", help="sqlite:///PATH or redis://HOST:PORT/DB.")
+@click.option("--policy", "-p", "policy_path", metavar="FILE", help="The store from this policy.")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+@click.option("--html", "html_path", metavar="FILE", help="Also write a page with the chart.")
+@click.option("--png", "png_path", metavar="FILE", help="Also write the chart as a PNG.")
+def report(
+    since: str | None,
+    agent: str | None,
+    dimensions: tuple[str, ...],
+    store_url: str | None,
+    policy_path: str | None,
+    as_json: bool,
+    html_path: str | None,
+    png_path: str | None,
+) -> None:
+    """What LLM calls cost, from the budget ledger: by agent, model and label (hand-off
+    step), session, run or day, each with its share of the total; then spend per day per
+    agent as a chart."""
+    from ._audit_view import parse_since
+    from .report import costs, render_text, to_json
+
+    try:
+        floor = parse_since(since).timestamp() if since else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    by = list(dimensions) or ["agent", "model", "label"]
+    limits, _ = _budget_of(policy_path)
+    store = _store_of(store_url, limits)
+    try:
+        charges = costs(store, agent=agent, since=floor)
+    finally:
+        store.close()
+    if html_path or png_path:
+        from ._chart import write_html, write_png
+
+        if png_path:
+            write_png(png_path, charges)
+        if html_path:
+            write_html(html_path, charges, by, f"LLM spend · {store.url}")
+    if as_json:
+        click.echo(json.dumps({"store": store.url, **to_json(charges, by)}))
+        return
+    click.echo(f"LLM spend · store {store.url}" + (f" · since {since}" if since else ""))
+    click.echo(render_text(charges, by))
+    for path in (html_path, png_path):
+        if path:
+            click.echo(f"supervise: wrote {path}", err=True)
