@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "BY_KEY", "HOLD_COLUMNS", "INSERT_HOLD", "SCHEMA", "add", "add_event", "finish", "hold_row",
-    "hold_rows", "over", "rate_add", "rows",
+    "BY_KEY", "HOLD_COLUMNS", "INSERT_HOLD", "SCHEMA", "add", "add_event", "expire", "finish",
+    "hold_row", "hold_rows", "over", "rows",
 ]  # fmt: skip
 
 SCHEMA = """
@@ -211,14 +211,24 @@ def hold_rows(
     return found
 
 
-def rate_add(db: sqlite3.Connection, agent: str, when: float, calls: int, tokens: int) -> None:
-    """Count a call and its tokens in the rate bucket of second ``when`` (never below 0)."""
-    db.execute(
-        "INSERT INTO scopes (agent, id, calls_used, tokens_used) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT DO UPDATE SET calls_used = calls_used + excluded.calls_used,"
-        " tokens_used = max(0, tokens_used + excluded.tokens_used)",
-        (agent, f"rate:{int(when):011d}", calls, tokens),
-    )
+def expire(db: sqlite3.Connection, agent: str, now: float) -> None:
+    """Holds past their expiry: freed, and charged at their input estimate."""
+    due = db.execute(
+        "SELECT id, run_id, session, scopes, calls, tokens, usd, est_calls, est_tokens, est_usd"
+        " FROM reservations WHERE agent = ? AND state = 'open' AND expires <= ?",
+        (agent, now),
+    ).fetchall()
+    for hid, run_id, session, scopes, *amounts in due:
+        held, est = amounts[:3], amounts[3:]
+        add(db, agent, json.loads(scopes), est, [-x for x in held])
+        db.execute(
+            "UPDATE reservations SET state = 'expired', charged_calls = ?, charged_tokens = ?,"
+            " charged_usd = ? WHERE id = ?",
+            (*est, hid),
+        )
+        add_event(
+            db, now, "expire", agent, run_id=run_id, session=session, hold_id=str(hid), amount=est
+        )
 
 
 def hold_row(db: sqlite3.Connection, agent: str, hold_id: str | int) -> HoldRow | None:

@@ -38,12 +38,14 @@ from supervisor.budget._results import (
     to_micro,
     to_usd,
 )
+from supervisor.budget._scopes import limits_of, periods, usage_of
 from supervisor.budget._store import SCOPES, Store, default_store_url, open_store
 from supervisor.budget.pricing import Prices, Tokens
 from supervisor.errors import BudgetExceeded, RateLimited, UnknownModel, UnknownReservation
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from supervisor.budget._scopes import ScopeSpec
     from supervisor.budget._store import (
         Charged,
         ChargeOp,
@@ -52,14 +54,10 @@ if TYPE_CHECKING:
         RecordOp,
         ReserveOp,
         ResetScope,
-        ScopeName,
         SettledHold,
         SettleOp,
         UsageEvent,
     )
-
-    # (scope id, scope, key, limits) of one scope a run charges
-    ScopeSpec = tuple[str, ScopeName, str, Limits]
 
 __all__ = [
     "HOLD_TTL", "LIMITS", "MICRO", "SCOPES", "Alert", "Amount", "Charge", "Hold", "Ledger",
@@ -73,24 +71,6 @@ HOLD_TTL = 900.0  # seconds: longer than any LLM call; an expired hold is charge
 def new_id() -> str:
     """A hold id: microseconds then 32 random bits, so ids sort by time (B-trees append)."""
     return f"{time.time_ns() // 1000:014x}{os.urandom(4).hex()}"
-
-
-def _periods(now: float, timezone: str | None) -> tuple[str, str]:
-    """(day, month) keys of ``now``: ``2026-11-23``, ``2026-11``, in UTC or ``timezone``."""
-    if timezone in (None, "UTC"):
-        day = time.strftime("%Y-%m-%d", time.gmtime(now))
-        return day, day[:7]
-    from datetime import datetime
-    from zoneinfo import ZoneInfo
-
-    day = datetime.fromtimestamp(now, ZoneInfo(timezone)).strftime("%Y-%m-%d")
-    return day, day[:7]
-
-
-def _limits(budget: BudgetPolicy, scope: str) -> Limits:
-    limits = budget.scope(scope)
-    usd = None if limits.usd is None else to_micro(limits.usd)
-    return [limits.calls, limits.tokens, usd]
 
 
 def _settled(row: SettledHold) -> Settled:
@@ -116,7 +96,7 @@ class Ledger:
         self.run_id, self.agent, self.session = run_id, agent, session
         self.clock, self.hold_ttl = clock, hold_ttl
         self.prices = prices or Prices(budget.pricing)
-        self._limits: dict[str, Limits] = {scope: _limits(budget, scope) for scope in SCOPES}
+        self._limits: dict[str, Limits] = {scope: limits_of(budget, scope) for scope in SCOPES}
         rate = budget.rate
         self._rate = [rate.calls_per_minute, rate.tokens_per_minute]
         self._alerts = sorted(Decimal(str(a)) for a in budget.alerts)
@@ -156,7 +136,7 @@ class Ledger:
 
     def _scopes(self, now: float | None) -> list[ScopeSpec]:
         """(scope id, scope, key, limits) of every scope this run charges, in report order."""
-        day, month = _periods(self.store.time() if now is None else now, self.budget.timezone)
+        day, month = periods(self.store.time() if now is None else now, self.budget.timezone)
         keys = {"run": self.run_id, "session": self.session, "daily": day, "monthly": month}
         return [
             (f"{scope}:{keys[scope]}", scope, str(keys[scope]), self._limits[scope])
@@ -382,7 +362,7 @@ class Ledger:
     def usage(self) -> list[ScopeUsage]:
         """Every scope of this run: used, held and limit of calls, tokens and usd; then rate."""
         now = self._now()
-        return _usage(self.store, self.agent, self._scopes(now), self._rate, now)
+        return usage_of(self.store, self.agent, self._scopes(now), self._rate, now)
 
     def claim(self) -> list[tuple[str, Settled]]:
         """Note this run as live, and settle the open holds of this agent's runs whose
@@ -433,32 +413,6 @@ def _usage_event(tokens: Tokens, source: str, version: str) -> UsageEvent:
     }
 
 
-def _usage(
-    store: Store,
-    agent: str,
-    scopes: list[ScopeSpec],
-    rate: Limits,
-    now: float | None,
-) -> list[ScopeUsage]:
-    answer = store.usage({"agent": agent, "scopes": [s[0] for s in scopes], "now": now})
-    rows = answer["scopes"]
-    found = [
-        scope_usage(scope, key, rows.get(sid) or [0] * 6, limits)
-        for sid, scope, key, limits in scopes
-    ]
-    calls, tokens = answer["rate"]
-    found.append(
-        ScopeUsage(
-            "rate",
-            "60s",
-            Amount(calls, 0, rate[0]),
-            Amount(tokens, 0, rate[1]),
-            Amount(Decimal(0), Decimal(0), None),
-        )
-    )
-    return found
-
-
 def status(
     budget: BudgetPolicy,
     *,
@@ -471,7 +425,7 @@ def status(
     ledger = Ledger(budget, store, run_id="-", agent=agent, session=session, clock=clock)
     now = ledger._now()
     scopes = [s for s in ledger._scopes(now) if s[1] != "run"]
-    return _usage(store, agent, scopes, ledger._rate, now)
+    return usage_of(store, agent, scopes, ledger._rate, now)
 
 
 def reset(store: Store, *, agent: str, period: str | None) -> list[ResetScope]:

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from typing import cast
 
 from supervisor.budget import _sqlite_sql as sql
+from supervisor.budget._sqlite_rate import RateWindow, rate_add
 from supervisor.budget._store import KEEP_FINISHED
 from supervisor.errors import StoreUnavailable
 
@@ -45,9 +46,7 @@ if TYPE_CHECKING:
         Event,
         HoldInfo,
         HoldOp,
-        Limits,
         LiveRun,
-        RateDenied,
         RecordOp,
         ReleaseOp,
         Reserved,
@@ -63,7 +62,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SQLiteStore"]
 
-_WINDOW = 60.0
 _CHECKPOINT_EVERY = 250  # commits of this process (~1000 WAL pages), or a second, whichever first
 # Expired holds are swept (charged their estimate, freed) at most this often per process
 # on the reserve path, and always before a denial and in usage(): until then an expired hold
@@ -84,7 +82,7 @@ class SQLiteStore:
         self._commits = 0  # commits since this process last checkpointed
         self._checkpointed = time.monotonic()
         self.waited_max = 0.0  # the longest wait for the write lock, seconds (for the bench)
-        self._swept = 0  # the second before which this process last deleted rate buckets
+        self._rate = RateWindow()
         self._swept_at = -_SWEEP_EVERY  # when this process last expired holds (store clock)
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -205,76 +203,9 @@ class SQLiteStore:
     def time(self) -> float:
         return time.time()
 
-    # --- inside a transaction ---------------------------------------------------------------
-
     def _expire(self, db: sqlite3.Connection, agent: str, now: float) -> None:
-        """Holds past their expiry: freed, and charged at their input estimate."""
         self._swept_at = now
-        due = db.execute(
-            "SELECT id, run_id, session, scopes, calls, tokens, usd, est_calls, est_tokens, est_usd"
-            " FROM reservations WHERE agent = ? AND state = 'open' AND expires <= ?",
-            (agent, now),
-        ).fetchall()
-        for hid, run_id, session, scopes, *amounts in due:
-            held, est = amounts[:3], amounts[3:]
-            sql.add(db, agent, json.loads(scopes), est, [-x for x in held])
-            db.execute(
-                "UPDATE reservations SET state = 'expired', charged_calls = ?, charged_tokens = ?,"
-                " charged_usd = ? WHERE id = ?",
-                (*est, hid),
-            )
-            sql.add_event(db, now, "expire", agent, run_id=run_id, session=session,
-                          hold_id=str(hid), amount=est)  # fmt: skip
-
-    def _drop_old_buckets(self, db: sqlite3.Connection, agent: str, now: float) -> int:
-        """The window's first second; buckets older than a minute go now and then."""
-        oldest = int(now) - int(_WINDOW) + 1
-        if oldest - self._swept > _WINDOW:
-            db.execute(
-                "DELETE FROM scopes WHERE agent = ? AND id >= 'rate:' AND id < ?",
-                (agent, f"rate:{oldest:011d}"),
-            )
-            self._swept = oldest
-        return oldest
-
-    def _window(self, db: sqlite3.Connection, agent: str, now: float) -> list[tuple[int, int, int]]:
-        """(second, calls, tokens) of the last minute, oldest first; old buckets go now and then."""
-        oldest = self._drop_old_buckets(db, agent, now)
-        found = db.execute(
-            "SELECT id, calls_used, tokens_used FROM scopes WHERE agent = ? AND id >= ?"
-            " AND id < 'rate;'",
-            (agent, f"rate:{oldest:011d}"),
-        ).fetchall()
-        return [(int(sid[5:]), calls, tokens) for sid, calls, tokens in found]
-
-    def _rate_check(
-        self, db: sqlite3.Connection, agent: str, now: float, rate: Limits, tokens: int
-    ) -> RateDenied | None:
-        oldest = self._drop_old_buckets(db, agent, now)
-        calls, held = db.execute(
-            "SELECT coalesce(sum(calls_used), 0), coalesce(sum(tokens_used), 0) FROM scopes"
-            " WHERE agent = ? AND id >= ? AND id < 'rate;'",
-            (agent, f"rate:{oldest:011d}"),
-        ).fetchone()
-        if (rate[0] is None or calls + 1 <= rate[0]) and (
-            rate[1] is None or held + tokens <= rate[1]
-        ):
-            return None
-        window = self._window(db, agent, now)  # the denial says when to retry: the buckets
-        for index, need, limit in ((0, 1, rate[0]), (1, tokens, rate[1])):
-            used = sum(bucket[index + 1] for bucket in window)
-            if limit is None or used + need <= limit:
-                continue
-            # Wait until enough of the window's oldest seconds have left it.
-            freed, retry = 0, _WINDOW
-            for bucket in window:
-                freed += bucket[index + 1]
-                if used - freed + need <= limit:
-                    retry = bucket[0] + _WINDOW - now
-                    break
-            return {"verdict": "rate", "limit": index, "used": used, "limit_value": limit,
-                    "retry_after": max(retry, 0.001)}  # fmt: skip
-        return None
+        sql.expire(db, agent, now)
 
     # --- operations --------------------------------------------------------------------------
 
@@ -312,7 +243,7 @@ class SQLiteStore:
                         "held": held, "limit_value": limit}  # fmt: skip
             rate = op["rate"]
             if rate[0] is not None or rate[1] is not None:
-                denied = self._rate_check(db, agent, now, rate, amount[1])
+                denied = self._rate.check(db, agent, now, rate, amount[1])
                 if denied is not None:
                     sql.add(db, agent, sids, (0, 0, 0), [-x for x in amount])
                     why: dict[str, object] = {k: v for k, v in denied.items() if k != "verdict"}
@@ -332,7 +263,7 @@ class SQLiteStore:
                     event["price_source"], now, expires,
                 ),
             ).lastrowid)  # fmt: skip
-            sql.rate_add(db, agent, now, 1, amount[1])
+            rate_add(db, agent, now, 1, amount[1])
             sql.add_event(db, now, "grant", agent, run_id=op["run_id"], session=op["session"],
                           hold_id=hold_id, key=op["key"], amount=amount, fields=event)  # fmt: skip
             return {"verdict": "grant", "hold_id": hold_id, "usd": amount[2],
@@ -367,7 +298,7 @@ class SQLiteStore:
                 (*amount, op["event"]["price_source"], hold["id"]),
             )
             if hold["state"] == "open":  # the window counts what was used, not the worst case
-                sql.rate_add(db, agent, hold["created"], 0, amount[1] - hold["tokens"])
+                rate_add(db, agent, hold["created"], 0, amount[1] - hold["tokens"])
             fields = {**op["event"], "model": hold["model"], "provider": hold["provider"],
                       "label": hold["label"]}  # fmt: skip
             sql.add_event(db, now, "commit", agent, run_id=hold["run_id"],
@@ -402,7 +333,7 @@ class SQLiteStore:
                     event["provider"], event["label"], event["price_source"], now, now,
                 ),
             ).lastrowid  # fmt: skip
-            sql.rate_add(db, agent, now, 1, amount[1])
+            rate_add(db, agent, now, 1, amount[1])
             sql.add_event(db, now, "record", agent, run_id=op["run_id"], session=op["session"],
                           hold_id=str(hold_id), key=op["key"], amount=amount,
                           fields=event)  # fmt: skip
@@ -426,7 +357,7 @@ class SQLiteStore:
                 (hold["id"],),
             )
             if hold["state"] == "open":
-                sql.rate_add(db, agent, hold["created"], 0, -hold["tokens"])
+                rate_add(db, agent, hold["created"], 0, -hold["tokens"])
             sql.add_event(db, now, "release", agent, run_id=hold["run_id"],
                           session=hold["session"], hold_id=hold["hold_id"],
                           detail={"was": hold["state"]})  # fmt: skip
@@ -438,7 +369,7 @@ class SQLiteStore:
             now = op["now"] if op["now"] is not None else time.time()
             self._expire(db, agent, now)
             rows = sql.rows(db, agent, op["scopes"]) if op["scopes"] else {}
-            window = self._window(db, agent, now)
+            window = self._rate.buckets(db, agent, now)
             calls, tokens = sum(b[1] for b in window), sum(b[2] for b in window)
             return {"scopes": rows, "rate": [calls, tokens]}
 
