@@ -168,4 +168,3 @@ class BudgetPolicy(_Model):
         """The limits of run, session, daily or monthly."""
         limits: ScopeLimits = getattr(self, name)
         return limits
-
