@@ -22,8 +22,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 
-from supervisor.budget._owner import owner as owner
-from supervisor.budget._owner import owner_alive
+from supervisor.budget._owner import owner, owner_alive
 from supervisor.budget._policy import BudgetPolicy
 from supervisor.budget._results import (
     LIMITS,
