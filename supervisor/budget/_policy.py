@@ -9,7 +9,7 @@ policy (``policy.yaml:9 budget.daily.usd: "lots" is not an amount of money (try 
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
@@ -168,8 +168,3 @@ class BudgetPolicy(_Model):
         """The limits of run, session, daily or monthly."""
         limits: ScopeLimits = getattr(self, name)
         return limits
-
-
-def budget_from(data: Any) -> BudgetPolicy:
-    """A BudgetPolicy from a dict as YAML loads it (for tests and the Python API)."""
-    return BudgetPolicy.model_validate(data)

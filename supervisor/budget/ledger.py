@@ -20,38 +20,50 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol
 
-from supervisor.budget._policy import BudgetPolicy, parse_store_url
-from supervisor.budget.pricing import Prices, Tokens
-from supervisor.errors import (
-    BudgetExceeded,
-    RateLimited,
-    StoreUnavailable,
-    UnknownModel,
-    UnknownReservation,
+from supervisor.budget._owner import owner, owner_alive
+from supervisor.budget._policy import BudgetPolicy
+from supervisor.budget._results import (
+    LIMITS,
+    MICRO,
+    Alert,
+    Amount,
+    Charge,
+    Hold,
+    ScopeUsage,
+    Settled,
+    scope_usage,
+    to_micro,
+    to_usd,
 )
+from supervisor.budget._scopes import limits_of, periods, usage_of
+from supervisor.budget._store import SCOPES, Store, default_store_url, open_store
+from supervisor.budget.pricing import Prices, Tokens
+from supervisor.errors import BudgetExceeded, RateLimited, UnknownModel, UnknownReservation
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from supervisor.budget._scopes import ScopeSpec
+    from supervisor.budget._store import (
+        Charged,
+        ChargeOp,
+        CommitOp,
+        Limits,
+        RecordOp,
+        ReserveOp,
+        ResetScope,
+        SettledHold,
+        SettleOp,
+        UsageEvent,
+    )
 
 __all__ = [
-    "Alert",
-    "Amount",
-    "Charge",
-    "Hold",
-    "Ledger",
-    "ScopeUsage",
-    "Settled",
-    "default_store_url",
-    "new_id",
-    "open_store",
-    "owner",
-    "status",
-]
+    "HOLD_TTL", "LIMITS", "MICRO", "SCOPES", "Alert", "Amount", "Charge", "Hold", "Ledger",
+    "ScopeUsage", "Settled", "Store", "default_store_url", "new_id", "open_store", "owner",
+    "reset", "status", "to_micro", "to_usd",
+]  # fmt: skip
 
-SCOPES = ("run", "session", "daily", "monthly")
-LIMITS = ("calls", "tokens", "usd")
-MICRO = 1_000_000
 HOLD_TTL = 900.0  # seconds: longer than any LLM call; an expired hold is charged its estimate
 
 
@@ -60,198 +72,8 @@ def new_id() -> str:
     return f"{time.time_ns() // 1000:014x}{os.urandom(4).hex()}"
 
 
-def to_usd(micro: int) -> Decimal:
-    """Micro-USD (int) as exact Decimal USD."""
-    return Decimal(micro).scaleb(-6)
-
-
-def to_micro(usd: Decimal) -> int:
-    """Decimal USD as micro-USD, rounded up (no spend is free by rounding)."""
-    from decimal import ROUND_CEILING
-
-    if not isinstance(usd, Decimal) or not usd.is_finite() or usd < 0:
-        raise ValueError(f"usd must be a finite Decimal >= 0, got {usd!r}")
-    return int((usd * MICRO).to_integral_value(rounding=ROUND_CEILING))
-
-
-@dataclass(frozen=True)
-class Hold:
-    """A granted reservation: what it holds on every scope, until when."""
-
-    id: str
-    usd_held: Decimal
-    tokens_held: int
-    expires_at: float
-    replayed: bool = False  # True: an earlier reserve with the same key; nothing new held
-
-
-@dataclass(frozen=True)
-class Amount:
-    """One limit of one scope: used, held (by open reservations) and the limit (None: none)."""
-
-    used: int | Decimal
-    held: int | Decimal
-    limit: int | Decimal | None
-
-    def to_dict(self) -> dict[str, Any]:
-        def num(value: int | Decimal | None) -> Any:
-            return float(value) if isinstance(value, Decimal) else value
-
-        return {"used": num(self.used), "held": num(self.held), "limit": num(self.limit)}
-
-
-@dataclass(frozen=True)
-class ScopeUsage:
-    """A scope's calls, tokens and usd; ``key`` names the period, run or session."""
-
-    scope: str
-    key: str
-    calls: Amount
-    tokens: Amount
-    usd: Amount
-
-    def to_dict(self) -> dict[str, Any]:
-        """SPEC's shape: ``{"scope", "key", "calls": {used, held, limit}, "tokens", "usd"}``."""
-        return {
-            "scope": self.scope,
-            "key": self.key,
-            **{name: getattr(self, name).to_dict() for name in LIMITS},
-        }
-
-
-@dataclass(frozen=True)
-class Alert:
-    """A scope's use crossed ``threshold`` (a fraction) of one of its limits with this charge."""
-
-    scope: str
-    key: str
-    limit: str
-    threshold: float
-    used: int | Decimal
-    limit_value: int | Decimal
-
-
-@dataclass(frozen=True)
-class Charge:
-    """What one commit or record charged, and the run's totals after it."""
-
-    usd: Decimal
-    tokens: int
-    usage: ScopeUsage  # the run scope after this charge
-    price_source: str = ""
-    alerts: list[Alert] = field(default_factory=list)
-    replayed: bool = False
-
-
-@dataclass(frozen=True)
-class Settled:
-    """A hold that was still open when the child exited, charged at its input estimate."""
-
-    hold_id: str
-    usd: Decimal
-    tokens: int
-    model: str
-    label: str | None
-
-
-class Store(Protocol):
-    """What a ledger store does; every method is one atomic transaction. Ints everywhere."""
-
-    url: str
-
-    def reserve(self, op: dict[str, Any]) -> dict[str, Any]: ...
-    def hold(self, op: dict[str, Any]) -> dict[str, Any] | None: ...
-    def commit(self, op: dict[str, Any]) -> dict[str, Any]: ...
-    def record(self, op: dict[str, Any]) -> dict[str, Any]: ...
-    def release(self, op: dict[str, Any]) -> dict[str, Any]: ...
-    def usage(self, op: dict[str, Any]) -> dict[str, Any]: ...
-    def settle_open(self, op: dict[str, Any]) -> list[dict[str, Any]]: ...
-    def reset(self, op: dict[str, Any]) -> list[dict[str, Any]]: ...
-    def time(self) -> float: ...
-    def events(self, agent: str | None = None) -> list[dict[str, Any]]: ...
-    def add_run(self, op: dict[str, Any]) -> None: ...
-    def forget_run(self, op: dict[str, Any]) -> None: ...
-    def runs(self, op: dict[str, Any]) -> list[dict[str, Any]]: ...
-    def close(self) -> None: ...
-
-
-def default_store_url() -> str:
-    """``sqlite:////…/supervise/budget.db`` beside the audit log (``$XDG_STATE_HOME``)."""
-    from supervisor.audit import default_audit_file
-
-    return "sqlite:///" + os.path.join(os.path.dirname(default_audit_file()), "budget.db")
-
-
-def open_store(url: str | None) -> Store:
-    """The store at ``url`` (None: the default SQLite file); StoreUnavailable if it is not."""
-    url = url or default_store_url()
-    try:
-        kind, target = parse_store_url(url)
-    except ValueError as error:
-        raise StoreUnavailable(url, str(error), hint="fix budget.store or --store") from None
-    if kind == "sqlite":
-        from supervisor.budget.sqlite import SQLiteStore
-
-        return SQLiteStore(url, target)
-    from supervisor.budget.redis import RedisStore
-
-    return RedisStore(url)
-
-
-def _pid_start(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks after boot), or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def owner() -> dict[str, Any]:
-    """Who runs this ledger: host, boot id, pid and the pid's start time (pids are reused)."""
-    import socket
-
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": boot, "pid": pid, "start": _pid_start(pid)}
-
-
-def _owner_alive(them: dict[str, Any], me: dict[str, Any]) -> bool | None:
-    """Whether the supervisor that owns a run is alive; None when it is on another host."""
-    if them.get("host") != me["host"]:
-        return None  # its own host will settle it; else the holds expire
-    if them.get("boot") != me["boot"]:
-        return False  # the machine rebooted since: it is gone
-    pid = them.get("pid")
-    return isinstance(pid, int) and _pid_start(pid) == them.get("start")
-
-
-def _periods(now: float, timezone: str | None) -> tuple[str, str]:
-    """(day, month) keys of ``now``: ``2026-11-23``, ``2026-11``, in UTC or ``timezone``."""
-    if timezone in (None, "UTC"):
-        day = time.strftime("%Y-%m-%d", time.gmtime(now))
-        return day, day[:7]
-    from datetime import datetime
-    from zoneinfo import ZoneInfo
-
-    day = datetime.fromtimestamp(now, ZoneInfo(timezone)).strftime("%Y-%m-%d")
-    return day, day[:7]
-
-
-def _limits(budget: BudgetPolicy, scope: str) -> list[int | None]:
-    limits = budget.scope(scope)
-    usd = None if limits.usd is None else to_micro(limits.usd)
-    return [limits.calls, limits.tokens, usd]
-
-
-def _amounts(scope: str, key: str, row: list[int], limits: list[int | None]) -> ScopeUsage:
-    calls, tokens = (Amount(row[i], row[i + 3], limits[i]) for i in range(2))
-    money = Amount(to_usd(row[2]), to_usd(row[5]), None if limits[2] is None else to_usd(limits[2]))
-    return ScopeUsage(scope, key, calls, tokens, money)
+def _settled(row: SettledHold) -> Settled:
+    return Settled(row["hold_id"], to_usd(row["usd"]), row["tokens"], row["model"], row["label"])
 
 
 class Ledger:
@@ -273,7 +95,7 @@ class Ledger:
         self.run_id, self.agent, self.session = run_id, agent, session
         self.clock, self.hold_ttl = clock, hold_ttl
         self.prices = prices or Prices(budget.pricing)
-        self._limits = {scope: _limits(budget, scope) for scope in SCOPES}
+        self._limits: dict[str, Limits] = {scope: limits_of(budget, scope) for scope in SCOPES}
         rate = budget.rate
         self._rate = [rate.calls_per_minute, rate.tokens_per_minute]
         self._alerts = sorted(Decimal(str(a)) for a in budget.alerts)
@@ -311,9 +133,9 @@ class Ledger:
         """The injected clock's time, or None: the store uses its own (Redis: the server's)."""
         return None if self.clock is None else self.clock()
 
-    def _scopes(self, now: float | None) -> list[tuple[str, str, str, list[int | None]]]:
+    def _scopes(self, now: float | None) -> list[ScopeSpec]:
         """(scope id, scope, key, limits) of every scope this run charges, in report order."""
-        day, month = _periods(self.store.time() if now is None else now, self.budget.timezone)
+        day, month = periods(self.store.time() if now is None else now, self.budget.timezone)
         keys = {"run": self.run_id, "session": self.session, "daily": day, "monthly": month}
         return [
             (f"{scope}:{keys[scope]}", scope, str(keys[scope]), self._limits[scope])
@@ -321,14 +143,14 @@ class Ledger:
             if keys[scope] is not None
         ]
 
-    def _base(self, now: float | None) -> dict[str, Any]:
+    def _base(self, now: float | None) -> ChargeOp:
         scopes = self._scopes(now)
         return {
             "agent": self.agent,
             "run_id": self.run_id,
             "session": self.session,
             "now": now,
-            "scopes": [[sid, limits] for sid, _, _, limits in scopes],
+            "scopes": [(sid, limits) for sid, _, _, limits in scopes],
             "rate": self._rate,
         }
 
@@ -365,15 +187,14 @@ class Ledger:
         else:
             held, source, version = self._price(model, provider, worst)
             est_usd = self._price(model, provider, estimate)[0]
-        now = self._now()
-        op = self._base(now)
-        op.update(
-            hold_id=new_id(),
-            key=key,
-            ttl=self.hold_ttl,
-            amount=[1, worst.input + worst.output, held],
-            estimate=[1, input_tokens, est_usd],
-            event={
+        op: ReserveOp = {
+            **self._base(self._now()),
+            "hold_id": new_id(),
+            "key": key,
+            "ttl": self.hold_ttl,
+            "amount": [1, worst.input + worst.output, held],
+            "estimate": [1, input_tokens, est_usd],
+            "event": {
                 "model": model,
                 "provider": provider,
                 "label": label,
@@ -382,12 +203,9 @@ class Ledger:
                 "price_source": source,
                 "price_version": version,
             },
-        )
+        }
         answer = self.store.reserve(op)
-        verdict = answer["verdict"]
-        if verdict != "deny" and verdict != "rate":
-            self._held[answer["hold_id"]] = (model, provider)
-        if verdict == "deny":
+        if answer["verdict"] == "deny":
             sid, index = answer["scope"], answer["limit"]
             scope, _, scope_key = sid.partition(":")
             money = index == 2
@@ -401,24 +219,24 @@ class Ledger:
                 key=scope_key,
                 requested=conv(op["amount"][index]),
             )
-        if verdict == "rate":
+        if answer["verdict"] == "rate":
             name = ("calls_per_minute", "tokens_per_minute")[answer["limit"]]
             raise RateLimited(name, answer["used"], answer["limit_value"], answer["retry_after"])
+        self._held[answer["hold_id"]] = (model, provider)
         return Hold(
             answer["hold_id"],
             to_usd(answer["usd"]),
             answer["tokens"],
             answer["expires"],
-            verdict == "replay",
+            answer["verdict"] == "replay",
         )
 
-    def _charged(self, answer: dict[str, Any]) -> Charge:
+    def _charged(self, answer: Charged) -> Charge:
         """The Charge from a store's answer; BudgetExceeded (carrying it) when over a limit."""
         run_sid = f"run:{self.run_id}"
-        rows: dict[str, list[int]] = answer["scopes"]
-        delta: list[int] = answer["delta"]
+        rows, delta = answer["scopes"], answer["delta"]
         alerts: list[Alert] = []
-        exceeded: tuple[str, str, int, Any, Any, Any] | None = None
+        exceeded: tuple[str, str, int, int | Decimal, int | Decimal, int | Decimal] | None = None
         for sid, row in rows.items():
             scope, _, key = sid.partition(":")
             limits = self._limits.get(scope)
@@ -440,14 +258,14 @@ class Ledger:
         charge = Charge(
             to_usd(answer["usd"]),
             answer["tokens"],
-            _amounts("run", self.run_id, run_row, self._limits["run"]),
+            scope_usage("run", self.run_id, run_row, self._limits["run"]),
             answer.get("price_source") or "",
             alerts,
             answer.get("replayed", False),
         )
         if exceeded is not None and not charge.replayed:
-            scope, key, i, used, held, limit = exceeded
-            raise BudgetExceeded(scope, LIMITS[i], used, held, limit, key=key, charge=charge)
+            scope, key, i, used, held, limit_value = exceeded
+            raise BudgetExceeded(scope, LIMITS[i], used, held, limit_value, key=key, charge=charge)
         return charge
 
     def _actual(
@@ -489,11 +307,14 @@ class Ledger:
             held = (row["model"], row["provider"])
         model, provider = held or (None, None)
         micro, source, version = self._actual(model, provider, tokens, usd)
-        op = self._base(now)
-        op.update(hold_id=hold_id, amount=[1, tokens.input + tokens.output, micro])
-        op["event"] = _usage_event(tokens, source, version)
+        op: CommitOp = {
+            **self._base(now),
+            "hold_id": hold_id,
+            "amount": [1, tokens.input + tokens.output, micro],
+            "event": _usage_event(tokens, source, version),
+        }
         answer = self.store.commit(op)
-        if answer.get("missing"):
+        if answer is None:
             raise UnknownReservation(hold_id)
         return self._charged(answer)
 
@@ -517,32 +338,30 @@ class Ledger:
         )
         tokens.check()
         micro, source, version = self._actual(model, provider, tokens, usd)
-        now = self._now()
-        op = self._base(now)
-        op.update(
-            hold_id=new_id(),
-            key=key,
-            amount=[1, tokens.input + tokens.output, micro],
-            event={
+        op: RecordOp = {
+            **self._base(self._now()),
+            "hold_id": new_id(),
+            "key": key,
+            "amount": [1, tokens.input + tokens.output, micro],
+            "event": {
                 "model": model,
                 "provider": provider,
                 "label": label,
                 **_usage_event(tokens, source, version),
             },
-        )
+        }
         return self._charged(self.store.record(op))
 
     def release(self, hold_id: str) -> None:
         """Free a hold whose call was not made (nothing charged)."""
         self._held.pop(hold_id, None)
-        answer = self.store.release({"agent": self.agent, "hold_id": hold_id, "now": self._now()})
-        if answer.get("missing"):
+        if not self.store.release({"agent": self.agent, "hold_id": hold_id, "now": self._now()}):
             raise UnknownReservation(hold_id)
 
     def usage(self) -> list[ScopeUsage]:
         """Every scope of this run: used, held and limit of calls, tokens and usd; then rate."""
         now = self._now()
-        return _usage(self.store, self.agent, self._scopes(now), self._rate, now)
+        return usage_of(self.store, self.agent, self._scopes(now), self._rate, now)
 
     def claim(self) -> list[tuple[str, Settled]]:
         """Note this run as live, and settle the open holds of this agent's runs whose
@@ -551,14 +370,10 @@ class Ledger:
         me = owner()
         recovered: list[tuple[str, Settled]] = []
         for run in self.store.runs({"agent": self.agent}):
-            if run["run_id"] == self.run_id or _owner_alive(run["owner"], me) is not False:
+            if run["run_id"] == self.run_id or owner_alive(run["owner"], me) is not False:
                 continue
-            op = {"agent": self.agent, "run_id": run["run_id"], "now": self._now()}
-            for row in self.store.settle_open(op):
-                settled = Settled(
-                    row["hold_id"], to_usd(row["usd"]), row["tokens"], row["model"], row["label"]
-                )
-                recovered.append((run["run_id"], settled))
+            op: SettleOp = {"agent": self.agent, "run_id": run["run_id"], "now": self._now()}
+            recovered.extend((run["run_id"], _settled(row)) for row in self.store.settle_open(op))
             self.store.forget_run({"agent": self.agent, "run_id": run["run_id"]})
         self.store.add_run({"agent": self.agent, "run_id": self.run_id, "owner": me})
         return recovered
@@ -572,10 +387,7 @@ class Ledger:
         settled = self.store.settle_open(
             {"agent": self.agent, "run_id": self.run_id, "now": self._now()}
         )
-        return [
-            Settled(row["hold_id"], to_usd(row["usd"]), row["tokens"], row["model"], row["label"])
-            for row in settled
-        ]
+        return [_settled(row) for row in settled]
 
     def close(self) -> None:
         """Close the store connection; open holds stay (settle them first)."""
@@ -588,7 +400,7 @@ class Ledger:
         self.close()
 
 
-def _usage_event(tokens: Tokens, source: str, version: str) -> dict[str, Any]:
+def _usage_event(tokens: Tokens, source: str, version: str) -> UsageEvent:
     return {
         "input_tokens": tokens.input,
         "output_tokens": tokens.output,
@@ -598,31 +410,6 @@ def _usage_event(tokens: Tokens, source: str, version: str) -> dict[str, Any]:
         "price_source": source,
         "price_version": version,
     }
-
-
-def _usage(
-    store: Store,
-    agent: str,
-    scopes: list[tuple[str, str, str, list[int | None]]],
-    rate: list[int | None],
-    now: float | None,
-) -> list[ScopeUsage]:
-    answer = store.usage({"agent": agent, "scopes": [s[0] for s in scopes], "now": now})
-    rows: dict[str, list[int]] = answer["scopes"]
-    found = [
-        _amounts(scope, key, rows.get(sid) or [0] * 6, limits) for sid, scope, key, limits in scopes
-    ]
-    calls, tokens = answer["rate"]
-    found.append(
-        ScopeUsage(
-            "rate",
-            "60s",
-            Amount(calls, 0, rate[0]),
-            Amount(tokens, 0, rate[1]),
-            Amount(Decimal(0), Decimal(0), None),
-        )
-    )
-    return found
 
 
 def status(
@@ -637,9 +424,9 @@ def status(
     ledger = Ledger(budget, store, run_id="-", agent=agent, session=session, clock=clock)
     now = ledger._now()
     scopes = [s for s in ledger._scopes(now) if s[1] != "run"]
-    return _usage(store, agent, scopes, ledger._rate, now)
+    return usage_of(store, agent, scopes, ledger._rate, now)
 
 
-def reset(store: Store, *, agent: str, period: str | None) -> list[dict[str, Any]]:
+def reset(store: Store, *, agent: str, period: str | None) -> list[ResetScope]:
     """Set used to 0 on the agent's scopes of ``period`` (None: every scope); open holds stay."""
     return store.reset({"agent": agent, "prefix": None if period is None else period + ":"})

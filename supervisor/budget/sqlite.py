@@ -11,15 +11,11 @@ asks: committed spend survives a supervisor crash); only an OS crash or power cu
 the last commits, never corrupt the file. Checkpoints (the only fsyncs) run after the write
 lock is released, never inside another writer's wait.
 
-Tables: ``scopes`` (used and held per agent and scope id: ``run:ID``, ``session:ID``,
-``daily:2026-11-23``, ``monthly:2026-11``), ``reservations`` (durable holds with their
-expiry and idempotency key; a hold's id is its row id, so a new one appends to the table's
-last page) and ``events`` (the history, append-only: triggers refuse UPDATE and DELETE).
-The rate window is 60 one-second buckets kept as ``rate:SECOND`` rows of ``scopes``, beside
-the agent's other rows. A reservation is one UPDATE of every scope row that returns them
-(checked in Python; a scope over its limit takes the hold back), one row in
-``reservations`` and its open-holds index, one event: about four 1 KiB WAL frames, which
-is what its COMMIT costs. Amounts are integers (micro-USD).
+The tables and the statements shared by the operations are in ``_sqlite_sql.py``. A
+reservation is one UPDATE of every scope row that returns them (checked in Python; a scope
+over its limit takes the hold back), one row in ``reservations`` and its open-holds index,
+one event: about four 1 KiB WAL frames, which is what its COMMIT costs. The rate window is
+60 one-second buckets kept as ``rate:SECOND`` rows of ``scopes``, beside the agent's rows.
 """
 
 from __future__ import annotations
@@ -32,85 +28,46 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import cast
 
+from supervisor.budget import _sqlite_sql as sql
+from supervisor.budget._sqlite_rate import RateWindow, rate_add
+from supervisor.budget._store import KEEP_FINISHED
 from supervisor.errors import StoreUnavailable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from supervisor.budget._sqlite_sql import HoldRow
+    from supervisor.budget._store import (
+        AddRunOp,
+        AgentOp,
+        Charged,
+        CommitOp,
+        Event,
+        HoldInfo,
+        HoldOp,
+        LiveRun,
+        RecordOp,
+        ReleaseOp,
+        Reserved,
+        ReserveOp,
+        ResetOp,
+        ResetScope,
+        RunOp,
+        SettledHold,
+        SettleOp,
+        UsageOp,
+        UsageRows,
+    )
 
 __all__ = ["SQLiteStore"]
 
-_SCHEMA = """
-PRAGMA page_size = 1024;
-PRAGMA journal_mode = WAL;
-CREATE TABLE IF NOT EXISTS scopes (
-    agent TEXT NOT NULL, id TEXT NOT NULL,
-    calls_used INTEGER NOT NULL DEFAULT 0, tokens_used INTEGER NOT NULL DEFAULT 0,
-    usd_used INTEGER NOT NULL DEFAULT 0, calls_held INTEGER NOT NULL DEFAULT 0,
-    tokens_held INTEGER NOT NULL DEFAULT 0, usd_held INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (agent, id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS reservations (
-    id INTEGER PRIMARY KEY, agent TEXT NOT NULL, run_id TEXT, session TEXT, key TEXT,
-    state TEXT NOT NULL, scopes TEXT NOT NULL,
-    calls INTEGER NOT NULL, tokens INTEGER NOT NULL, usd INTEGER NOT NULL,
-    est_calls INTEGER NOT NULL, est_tokens INTEGER NOT NULL, est_usd INTEGER NOT NULL,
-    charged_calls INTEGER NOT NULL DEFAULT 0, charged_tokens INTEGER NOT NULL DEFAULT 0,
-    charged_usd INTEGER NOT NULL DEFAULT 0,
-    model TEXT, provider TEXT, label TEXT, price_source TEXT,
-    created REAL NOT NULL, expires REAL NOT NULL);
-CREATE UNIQUE INDEX IF NOT EXISTS reservations_key ON reservations (agent, key)
-    WHERE key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS reservations_open ON reservations (agent, expires)
-    WHERE state = 'open';
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL,
-    agent TEXT NOT NULL, run_id TEXT, session TEXT, hold_id TEXT, key TEXT, scope TEXT,
-    calls INTEGER, tokens INTEGER, usd INTEGER, model TEXT, provider TEXT, label TEXT,
-    input_tokens INTEGER, output_tokens INTEGER, cached_input_tokens INTEGER,
-    cache_write_tokens INTEGER, reasoning_tokens INTEGER,
-    price_source TEXT, price_version TEXT, detail TEXT);
-CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
-    BEGIN SELECT RAISE(ABORT, 'the ledger history is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'the ledger history is append-only'); END;
-CREATE TABLE IF NOT EXISTS runs (
-    agent TEXT NOT NULL, run_id TEXT NOT NULL, owner TEXT NOT NULL,
-    PRIMARY KEY (agent, run_id)) WITHOUT ROWID;
-"""
-_EVENT_FIELDS = (
-    "model", "provider", "label", "input_tokens", "output_tokens", "cached_input_tokens",
-    "cache_write_tokens", "reasoning_tokens", "price_source", "price_version",
-)  # fmt: skip
-_INSERT_EVENT = (
-    "INSERT INTO events (ts, kind, agent, run_id, session, hold_id, key, scope, calls, tokens,"
-    f" usd, {', '.join(_EVENT_FIELDS)}, detail) VALUES ({', '.join('?' * 22)})"
-)
-_HOLD_COLUMNS = (
-    "id, agent, run_id, session, key, state, scopes, calls, tokens, usd, est_calls, est_tokens,"
-    " est_usd, charged_calls, charged_tokens, charged_usd, model, provider, label,"
-    " price_source, created, expires"
-)
-_INSERT_HOLD = f"INSERT INTO reservations ({_HOLD_COLUMNS}) VALUES ({', '.join('?' * 22)})"
-_BY_KEY = "SELECT id, usd, tokens, expires FROM reservations WHERE agent = ? AND key = ?"
-_MARKS = [", ".join("?" * n) for n in range(8)]
-_WINDOW = 60.0
 _CHECKPOINT_EVERY = 250  # commits of this process (~1000 WAL pages), or a second, whichever first
 # Expired holds are swept (charged their estimate, freed) at most this often per process
 # on the reserve path, and always before a denial and in usage(): until then an expired hold
 # only holds more than it will cost, so sweeping late never grants what sweeping early denies.
 _SWEEP_EVERY = 1.0
 LOCK_WAIT = 2.0  # seconds: longest wait for the write lock (the Redis store's timeout too)
-_KEEP_FINISHED = 7 * 86400.0  # finished holds answer idempotent retries this long
-
-
-def _over(
-    scopes: list[tuple[str, list[int | None]]], rows: dict[str, tuple[int, ...]], amount: list[int]
-) -> tuple[str, int, int, int, int] | None:
-    """(scope, limit index, used, held before, limit) of the first scope over a limit."""
-    for sid, limits in scopes:
-        row = rows[sid]
-        for i, limit in enumerate(limits):
-            if limit is not None and row[i] + row[i + 3] > limit:
-                return sid, i, row[i], row[i + 3] - amount[i], limit
-    return None
 
 
 class SQLiteStore:
@@ -125,7 +82,7 @@ class SQLiteStore:
         self._commits = 0  # commits since this process last checkpointed
         self._checkpointed = time.monotonic()
         self.waited_max = 0.0  # the longest wait for the write lock, seconds (for the bench)
-        self._swept = 0  # the second before which this process last deleted rate buckets
+        self._rate = RateWindow()
         self._swept_at = -_SWEEP_EVERY  # when this process last expired holds (store clock)
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -143,7 +100,7 @@ class SQLiteStore:
             if not self._has_schema():
                 self._lock()
                 try:
-                    self._db.executescript(_SCHEMA)  # its own transaction; IF NOT EXISTS
+                    self._db.executescript(sql.SCHEMA)  # its own transaction; IF NOT EXISTS
                     self._db.execute("PRAGMA journal_mode=WAL")  # a no-op if it is already
                 finally:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -152,7 +109,7 @@ class SQLiteStore:
                     # Never the newest row: its id + 1 is the next id, and ids are not reused.
                     "DELETE FROM reservations WHERE state != 'open' AND expires < ?"
                     " AND id < (SELECT max(id) FROM reservations)",
-                    (time.time() - _KEEP_FINISHED,),
+                    (time.time() - KEEP_FINISHED,),
                 )
         except (OSError, sqlite3.Error) as error:
             self.close()
@@ -246,96 +203,13 @@ class SQLiteStore:
     def time(self) -> float:
         return time.time()
 
-    # --- helpers, inside a transaction --------------------------------------------------------
-
-    @staticmethod
-    def _event(
-        db: sqlite3.Connection, now: float, kind: str, op: dict[str, Any], **kw: Any
-    ) -> None:
-        event = op.get("event") or {}
-        amount = kw.get("amount") or (None, None, None)
-        db.execute(
-            _INSERT_EVENT,
-            (
-                now, kind, op["agent"], kw.get("run_id", op.get("run_id")),
-                kw.get("session", op.get("session")), kw.get("hold_id", op.get("hold_id")),
-                op.get("key"), kw.get("scope"), *amount,
-                *(kw.get(name, event.get(name)) for name in _EVENT_FIELDS),
-                json.dumps(kw["detail"], sort_keys=True) if kw.get("detail") else None,
-            ),
-        )  # fmt: skip
-
-    @staticmethod
-    def _rows(db: sqlite3.Connection, agent: str, sids: list[str]) -> dict[str, list[int]]:
-        marks = ", ".join("?" * len(sids))
-        found = db.execute(
-            "SELECT id, calls_used, tokens_used, usd_used, calls_held, tokens_held, usd_held"
-            f" FROM scopes WHERE agent = ? AND id IN ({marks})",
-            (agent, *sids),
-        ).fetchall()
-        rows = {row[0]: list(row[1:]) for row in found}
-        missing = [sid for sid in sids if sid not in rows]
-        if missing:
-            db.executemany(
-                "INSERT OR IGNORE INTO scopes (agent, id) VALUES (?, ?)",
-                [(agent, sid) for sid in missing],
-            )
-            rows.update({sid: [0] * 6 for sid in missing})
-        return rows
-
-    @staticmethod
-    def _add(db: sqlite3.Connection, agent: str, sids: list[str], used: Any, held: Any) -> None:
-        marks = ", ".join("?" * len(sids))
-        db.execute(
-            "UPDATE scopes SET calls_used = calls_used + ?, tokens_used = tokens_used + ?,"
-            " usd_used = usd_used + ?, calls_held = calls_held + ?,"
-            f" tokens_held = tokens_held + ?, usd_held = usd_held + ?"
-            f" WHERE agent = ? AND id IN ({marks})",
-            (*used, *held, agent, *sids),
-        )
-
     def _expire(self, db: sqlite3.Connection, agent: str, now: float) -> None:
-        """Holds past their expiry: freed, and charged at their input estimate."""
         self._swept_at = now
-        due = db.execute(
-            "SELECT id, run_id, session, scopes, calls, tokens, usd, est_calls, est_tokens, est_usd"
-            " FROM reservations WHERE agent = ? AND state = 'open' AND expires <= ?",
-            (agent, now),
-        ).fetchall()
-        for hid, run_id, session, scopes, *amounts in due:
-            held, est = amounts[:3], amounts[3:]
-            self._add(db, agent, json.loads(scopes), est, [-x for x in held])
-            db.execute(
-                "UPDATE reservations SET state = 'expired', charged_calls = ?, charged_tokens = ?,"
-                " charged_usd = ? WHERE id = ?",
-                (*est, hid),
-            )
-            op = {"agent": agent, "run_id": run_id, "session": session}
-            self._event(db, now, "expire", op, hold_id=str(hid), amount=est)
-
-    def _hold_row(
-        self, db: sqlite3.Connection, agent: str, hold_id: str | int
-    ) -> dict[str, Any] | None:
-        if isinstance(hold_id, str):
-            # Ours are row ids, written as str(id): not "01", "+1" or "\u0661" (an Arabic
-            # one, which isdigit() and int() take), so that an id names one hold, as in Redis.
-            if not (hold_id.isascii() and hold_id.isdigit()) or len(hold_id) > 18:
-                return None
-            if hold_id != str(int(hold_id)):
-                return None
-            hold_id = int(hold_id)
-        row = db.execute(
-            f"SELECT {_HOLD_COLUMNS} FROM reservations WHERE id = ? AND agent = ?", (hold_id, agent)
-        ).fetchone()
-        if row is None:
-            return None
-        hold = dict(zip(_HOLD_COLUMNS.replace(" ", "").split(","), row, strict=True))
-        hold["hold_id"] = str(hold["id"])
-        return hold
+        sql.expire(db, agent, now)
 
     # --- operations --------------------------------------------------------------------------
 
-    def reserve(self, op: dict[str, Any]) -> dict[str, Any]:
+    def reserve(self, op: ReserveOp) -> Reserved:
         agent, amount = op["agent"], op["amount"]
         sids = [sid for sid, _ in op["scopes"]]
         with self._transaction() as db:
@@ -344,38 +218,44 @@ class SQLiteStore:
             if swept:
                 self._expire(db, agent, now)
             if op["key"] is not None:
-                row = db.execute(_BY_KEY, (agent, op["key"])).fetchone()
+                row = db.execute(sql.BY_KEY, (agent, op["key"])).fetchone()
                 if row is not None:
                     return {"verdict": "replay", "hold_id": str(row[0]), "usd": row[1],
                             "tokens": row[2], "expires": row[3]}  # fmt: skip
             # Hold first, check after: one UPDATE adds the amount to every scope and returns
             # the rows; a scope over its limit takes it back (the deny path, rarer).
-            rows = self._hold_rows(db, agent, sids, amount)
-            over = _over(op["scopes"], rows, amount)
+            rows = sql.hold_rows(db, agent, sids, amount)
+            over = sql.over(op["scopes"], rows, amount)
             if over is not None and not swept:
                 # Expired holds may be what fills a scope: expire them, then look again.
-                self._add(db, agent, sids, (0, 0, 0), [-x for x in amount])
+                sql.add(db, agent, sids, (0, 0, 0), [-x for x in amount])
                 self._expire(db, agent, now)
-                rows = self._hold_rows(db, agent, sids, amount)
-                over = _over(op["scopes"], rows, amount)
+                rows = sql.hold_rows(db, agent, sids, amount)
+                over = sql.over(op["scopes"], rows, amount)
             if over is not None:
-                self._add(db, agent, sids, (0, 0, 0), [-x for x in amount])
+                sql.add(db, agent, sids, (0, 0, 0), [-x for x in amount])
                 sid, i, used, held, limit = over
                 detail = {"limit": i, "used": used, "held": held}
-                self._event(db, now, "deny", op, scope=sid, amount=amount, detail=detail)
+                sql.add_event(db, now, "deny", agent, run_id=op["run_id"], session=op["session"],
+                              hold_id=op["hold_id"], key=op["key"], scope=sid, amount=amount,
+                              fields=op["event"], detail=detail)  # fmt: skip
                 return {"verdict": "deny", "scope": sid, "limit": i, "used": used,
                         "held": held, "limit_value": limit}  # fmt: skip
             rate = op["rate"]
             if rate[0] is not None or rate[1] is not None:
-                denied = self._rate_check(db, agent, now, rate, amount[1])
+                denied = self._rate.check(db, agent, now, rate, amount[1])
                 if denied is not None:
-                    self._add(db, agent, sids, (0, 0, 0), [-x for x in amount])
-                    self._event(db, now, "deny", op, scope="rate", amount=amount, detail=denied)
-                    return {"verdict": "rate", **denied}
+                    sql.add(db, agent, sids, (0, 0, 0), [-x for x in amount])
+                    why: dict[str, object] = {k: v for k, v in denied.items() if k != "verdict"}
+                    sql.add_event(db, now, "deny", agent, run_id=op["run_id"],
+                                  session=op["session"], hold_id=op["hold_id"], key=op["key"],
+                                  scope="rate", amount=amount, fields=op["event"],
+                                  detail=why)  # fmt: skip
+                    return denied
             expires = now + op["ttl"]
             event = op["event"]
             hold_id = str(db.execute(
-                _INSERT_HOLD,
+                sql.INSERT_HOLD,
                 (
                     None, agent, op["run_id"], op["session"], op["key"], "open",
                     json.dumps(sids), *amount, *op["estimate"], 0, 0, 0,
@@ -383,138 +263,52 @@ class SQLiteStore:
                     event["price_source"], now, expires,
                 ),
             ).lastrowid)  # fmt: skip
-            self._rate_add(db, agent, now, 1, amount[1])
-            self._event(db, now, "grant", op, hold_id=hold_id, amount=amount)
+            rate_add(db, agent, now, 1, amount[1])
+            sql.add_event(db, now, "grant", agent, run_id=op["run_id"], session=op["session"],
+                          hold_id=hold_id, key=op["key"], amount=amount, fields=event)  # fmt: skip
             return {"verdict": "grant", "hold_id": hold_id, "usd": amount[2],
                     "tokens": amount[1], "expires": expires}  # fmt: skip
 
-    @staticmethod
-    def _hold_rows(
-        db: sqlite3.Connection, agent: str, sids: list[str], amount: list[int]
-    ) -> dict[str, tuple[int, ...]]:
-        """Add ``amount`` to the held columns of every scope; the rows after (created if new)."""
-        marks = _MARKS[len(sids)]
-        rows = {
-            row[0]: row[1:]
-            for row in db.execute(
-                "UPDATE scopes SET calls_held = calls_held + ?, tokens_held = tokens_held + ?,"
-                f" usd_held = usd_held + ? WHERE agent = ? AND id IN ({marks}) RETURNING id,"
-                " calls_used, tokens_used, usd_used, calls_held, tokens_held, usd_held",
-                (*amount, agent, *sids),
-            )
-        }
-        if len(rows) < len(sids):
-            new = [sid for sid in sids if sid not in rows]
-            db.executemany(
-                "INSERT INTO scopes (agent, id, calls_held, tokens_held, usd_held)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(agent, sid, *amount) for sid in new],
-            )
-            rows.update((sid, (0, 0, 0, *amount)) for sid in new)
-        return rows
-
-    @staticmethod
-    def _rate_add(db: sqlite3.Connection, agent: str, when: float, calls: int, tokens: int) -> None:
-        db.execute(
-            "INSERT INTO scopes (agent, id, calls_used, tokens_used) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT DO UPDATE SET calls_used = calls_used + excluded.calls_used,"
-            " tokens_used = max(0, tokens_used + excluded.tokens_used)",
-            (agent, f"rate:{int(when):011d}", calls, tokens),
-        )
-
-    def _drop_old_buckets(self, db: sqlite3.Connection, agent: str, now: float) -> int:
-        """The window's first second; buckets older than a minute go now and then."""
-        oldest = int(now) - int(_WINDOW) + 1
-        if oldest - self._swept > _WINDOW:
-            db.execute(
-                "DELETE FROM scopes WHERE agent = ? AND id >= 'rate:' AND id < ?",
-                (agent, f"rate:{oldest:011d}"),
-            )
-            self._swept = oldest
-        return oldest
-
-    def _window(self, db: sqlite3.Connection, agent: str, now: float) -> list[tuple[int, int, int]]:
-        """(second, calls, tokens) of the last minute, oldest first; old buckets go now and then."""
-        oldest = self._drop_old_buckets(db, agent, now)
-        found = db.execute(
-            "SELECT id, calls_used, tokens_used FROM scopes WHERE agent = ? AND id >= ?"
-            " AND id < 'rate;'",
-            (agent, f"rate:{oldest:011d}"),
-        ).fetchall()
-        return [(int(sid[5:]), calls, tokens) for sid, calls, tokens in found]
-
-    def _rate_check(
-        self, db: sqlite3.Connection, agent: str, now: float, rate: list[int | None], tokens: int
-    ) -> dict[str, Any] | None:
-        oldest = self._drop_old_buckets(db, agent, now)
-        calls, held = db.execute(
-            "SELECT coalesce(sum(calls_used), 0), coalesce(sum(tokens_used), 0) FROM scopes"
-            " WHERE agent = ? AND id >= ? AND id < 'rate;'",
-            (agent, f"rate:{oldest:011d}"),
-        ).fetchone()
-        if (rate[0] is None or calls + 1 <= rate[0]) and (
-            rate[1] is None or held + tokens <= rate[1]
-        ):
-            return None
-        window = self._window(db, agent, now)  # the denial says when to retry: the buckets
-        for index, need, limit in ((0, 1, rate[0]), (1, tokens, rate[1])):
-            used = sum(bucket[index + 1] for bucket in window)
-            if limit is None or used + need <= limit:
-                continue
-            # Wait until enough of the window's oldest seconds have left it.
-            freed, retry = 0, _WINDOW
-            for bucket in window:
-                freed += bucket[index + 1]
-                if used - freed + need <= limit:
-                    retry = bucket[0] + _WINDOW - now
-                    break
-            return {"limit": index, "used": used, "limit_value": limit,
-                    "retry_after": max(retry, 0.001)}  # fmt: skip
-        return None
-
-    def hold(self, op: dict[str, Any]) -> dict[str, Any] | None:
+    def hold(self, op: HoldOp) -> HoldInfo | None:
         with self._transaction() as db:
-            return self._hold_row(db, op["agent"], op["hold_id"])
+            return sql.hold_row(db, op["agent"], op["hold_id"])
 
-    def _finish(self, db: sqlite3.Connection, hold: dict[str, Any], charged: list[int]) -> Any:
-        """Rows after the hold's scopes were freed and charged ``charged``; the delta."""
+    @staticmethod
+    def _replay(db: sqlite3.Connection, hold: HoldRow) -> Charged:
+        """A finished hold's first answer, charging nothing more."""
         sids = json.loads(hold["scopes"])
-        already = [hold["charged_calls"], hold["charged_tokens"], hold["charged_usd"]]
-        held = [hold["calls"], hold["tokens"], hold["usd"]] if hold["state"] == "open" else [0] * 3
-        delta = [c - a for c, a in zip(charged, already, strict=True)]
-        self._add(db, hold["agent"], sids, delta, [-x for x in held])
-        return self._rows(db, hold["agent"], sids), delta
+        return {"usd": hold["charged_usd"], "tokens": hold["charged_tokens"],
+                "delta": [0, 0, 0], "scopes": sql.rows(db, hold["agent"], sids),
+                "price_source": hold["price_source"], "replayed": True}  # fmt: skip
 
-    def commit(self, op: dict[str, Any]) -> dict[str, Any]:
+    def commit(self, op: CommitOp) -> Charged | None:
         agent = op["agent"]
         with self._transaction() as db:
             now = op["now"] if op["now"] is not None else time.time()
-            hold = self._hold_row(db, agent, op["hold_id"])
+            hold = sql.hold_row(db, agent, op["hold_id"])
             if hold is None:
-                return {"missing": True}
+                return None
             if hold["state"] in ("committed", "recorded"):
-                sids = json.loads(hold["scopes"])
-                return {"usd": hold["charged_usd"], "tokens": hold["charged_tokens"],
-                        "delta": [0, 0, 0], "scopes": self._rows(db, agent, sids),
-                        "price_source": hold["price_source"], "replayed": True}  # fmt: skip
+                return self._replay(db, hold)
             amount = op["amount"]
-            rows, delta = self._finish(db, hold, amount)
+            rows, delta = sql.finish(db, hold, amount)
             db.execute(
                 "UPDATE reservations SET state = 'committed', charged_calls = ?,"
                 " charged_tokens = ?, charged_usd = ?, price_source = ? WHERE id = ?",
                 (*amount, op["event"]["price_source"], hold["id"]),
             )
             if hold["state"] == "open":  # the window counts what was used, not the worst case
-                self._rate_add(db, agent, hold["created"], 0, amount[1] - hold["tokens"])
-            op = {**op, "run_id": hold["run_id"], "session": hold["session"], "key": hold["key"],
-                  "hold_id": hold["hold_id"]}  # fmt: skip
-            self._event(db, now, "commit", op, amount=amount, model=hold["model"],
-                        provider=hold["provider"], label=hold["label"],
-                        detail={"delta": delta, "was": hold["state"]})  # fmt: skip
+                rate_add(db, agent, hold["created"], 0, amount[1] - hold["tokens"])
+            fields = {**op["event"], "model": hold["model"], "provider": hold["provider"],
+                      "label": hold["label"]}  # fmt: skip
+            sql.add_event(db, now, "commit", agent, run_id=hold["run_id"],
+                          session=hold["session"], hold_id=hold["hold_id"], key=hold["key"],
+                          amount=amount, fields=fields,
+                          detail={"delta": delta, "was": hold["state"]})  # fmt: skip
             return {"usd": amount[2], "tokens": amount[1], "delta": delta, "scopes": rows,
                     "price_source": op["event"]["price_source"]}  # fmt: skip
 
-    def record(self, op: dict[str, Any]) -> dict[str, Any]:
+    def record(self, op: RecordOp) -> Charged:
         agent = op["agent"]
         with self._transaction() as db:
             now = op["now"] if op["now"] is not None else time.time()
@@ -523,66 +317,65 @@ class SQLiteStore:
                     "SELECT id FROM reservations WHERE agent = ? AND key = ?", (agent, op["key"])
                 ).fetchone()
                 if row is not None:
-                    hold = self._hold_row(db, agent, row[0])
+                    hold = sql.hold_row(db, agent, row[0])
                     assert hold is not None
-                    return {"usd": hold["charged_usd"], "tokens": hold["charged_tokens"],
-                            "delta": [0, 0, 0], "replayed": True,
-                            "scopes": self._rows(db, agent, json.loads(hold["scopes"])),
-                            "price_source": hold["price_source"]}  # fmt: skip
+                    return self._replay(db, hold)
             sids = [sid for sid, _ in op["scopes"]]
             amount = op["amount"]
-            self._rows(db, agent, sids)
-            self._add(db, agent, sids, amount, (0, 0, 0))
+            sql.rows(db, agent, sids)
+            sql.add(db, agent, sids, amount, (0, 0, 0))
             event = op["event"]
             hold_id = db.execute(
-                _INSERT_HOLD,
+                sql.INSERT_HOLD,
                 (
                     None, agent, op["run_id"], op["session"], op["key"], "recorded",
                     json.dumps(sids), 0, 0, 0, 0, 0, 0, *amount, event["model"],
                     event["provider"], event["label"], event["price_source"], now, now,
                 ),
             ).lastrowid  # fmt: skip
-            self._rate_add(db, agent, now, 1, amount[1])
-            self._event(db, now, "record", op, hold_id=str(hold_id), amount=amount)
+            rate_add(db, agent, now, 1, amount[1])
+            sql.add_event(db, now, "record", agent, run_id=op["run_id"], session=op["session"],
+                          hold_id=str(hold_id), key=op["key"], amount=amount,
+                          fields=event)  # fmt: skip
             return {"usd": amount[2], "tokens": amount[1], "delta": list(amount),
-                    "scopes": self._rows(db, agent, sids),
+                    "scopes": sql.rows(db, agent, sids),
                     "price_source": event["price_source"]}  # fmt: skip
 
-    def release(self, op: dict[str, Any]) -> dict[str, Any]:
+    def release(self, op: ReleaseOp) -> bool:
         agent = op["agent"]
         with self._transaction() as db:
             now = op["now"] if op["now"] is not None else time.time()
-            hold = self._hold_row(db, agent, op["hold_id"])
+            hold = sql.hold_row(db, agent, op["hold_id"])
             if hold is None:
-                return {"missing": True}
+                return False
             if hold["state"] not in ("open", "expired", "settled"):
-                return {}  # committed, recorded or released already: nothing to free
-            self._finish(db, hold, [0, 0, 0])
+                return True  # committed, recorded or released already: nothing to free
+            sql.finish(db, hold, [0, 0, 0])
             db.execute(
                 "UPDATE reservations SET state = 'released', charged_calls = 0, charged_tokens = 0,"
                 " charged_usd = 0 WHERE id = ?",
                 (hold["id"],),
             )
             if hold["state"] == "open":
-                self._rate_add(db, agent, hold["created"], 0, -hold["tokens"])
-            op = {**op, "run_id": hold["run_id"], "session": hold["session"],
-                  "hold_id": hold["hold_id"]}  # fmt: skip
-            self._event(db, now, "release", op, detail={"was": hold["state"]})
-            return {}
+                rate_add(db, agent, hold["created"], 0, -hold["tokens"])
+            sql.add_event(db, now, "release", agent, run_id=hold["run_id"],
+                          session=hold["session"], hold_id=hold["hold_id"],
+                          detail={"was": hold["state"]})  # fmt: skip
+            return True
 
-    def usage(self, op: dict[str, Any]) -> dict[str, Any]:
+    def usage(self, op: UsageOp) -> UsageRows:
         agent = op["agent"]
         with self._transaction() as db:
             now = op["now"] if op["now"] is not None else time.time()
             self._expire(db, agent, now)
-            rows = self._rows(db, agent, op["scopes"]) if op["scopes"] else {}
-            window = self._window(db, agent, now)
+            rows = sql.rows(db, agent, op["scopes"]) if op["scopes"] else {}
+            window = self._rate.buckets(db, agent, now)
             calls, tokens = sum(b[1] for b in window), sum(b[2] for b in window)
             return {"scopes": rows, "rate": [calls, tokens]}
 
-    def settle_open(self, op: dict[str, Any]) -> list[dict[str, Any]]:
+    def settle_open(self, op: SettleOp) -> list[SettledHold]:
         agent = op["agent"]
-        settled = []
+        settled: list[SettledHold] = []
         with self._transaction() as db:
             now = op["now"] if op["now"] is not None else time.time()
             ids = db.execute(
@@ -590,23 +383,24 @@ class SQLiteStore:
                 (op["run_id"], agent),
             ).fetchall()
             for (hold_id,) in ids:
-                hold = self._hold_row(db, agent, hold_id)
+                hold = sql.hold_row(db, agent, hold_id)
                 assert hold is not None
                 est = [hold["est_calls"], hold["est_tokens"], hold["est_usd"]]
-                self._finish(db, hold, est)
+                sql.finish(db, hold, est)
                 db.execute(
                     "UPDATE reservations SET state = 'settled', charged_calls = ?,"
                     " charged_tokens = ?, charged_usd = ? WHERE id = ?",
                     (*est, hold_id),
                 )
-                self._event(db, now, "settle", {**op, "session": hold["session"]},
-                            hold_id=hold["hold_id"], amount=est, model=hold["model"],
-                            provider=hold["provider"], label=hold["label"])  # fmt: skip
+                sql.add_event(db, now, "settle", agent, run_id=op["run_id"],
+                              session=hold["session"], hold_id=hold["hold_id"], amount=est,
+                              fields={"model": hold["model"], "provider": hold["provider"],
+                                      "label": hold["label"]})  # fmt: skip
                 settled.append({"hold_id": hold["hold_id"], "usd": est[2], "tokens": est[1],
                                 "model": hold["model"], "label": hold["label"]})  # fmt: skip
         return settled
 
-    def reset(self, op: dict[str, Any]) -> list[dict[str, Any]]:
+    def reset(self, op: ResetOp) -> list[ResetScope]:
         agent, prefix = op["agent"], op["prefix"]
         with self._transaction() as db:
             now = time.time()
@@ -615,12 +409,11 @@ class SQLiteStore:
                 " AND (? IS NULL OR substr(id, 1, length(?)) = ?) ORDER BY id",
                 (agent, prefix, prefix, prefix),
             ).fetchall()
-            done = []
+            done: list[ResetScope] = []
             for sid, calls, tokens, usd in found:
                 if not (calls or tokens or usd):
                     continue
-                self._event(db, now, "reset", {"agent": agent}, scope=sid,
-                            amount=(calls, tokens, usd))  # fmt: skip
+                sql.add_event(db, now, "reset", agent, scope=sid, amount=(calls, tokens, usd))
                 db.execute(
                     "UPDATE scopes SET calls_used = 0, tokens_used = 0, usd_used = 0"
                     " WHERE agent = ? AND id = ?",
@@ -629,7 +422,7 @@ class SQLiteStore:
                 done.append({"scope": sid, "calls": calls, "tokens": tokens, "usd": usd})
             return done
 
-    def add_run(self, op: dict[str, Any]) -> None:
+    def add_run(self, op: AddRunOp) -> None:
         """Note a live run and its owner (the supervisor: host, boot, pid, start time)."""
         with self._transaction() as db:
             db.execute(
@@ -637,13 +430,13 @@ class SQLiteStore:
                 (op["agent"], op["run_id"], json.dumps(op["owner"], sort_keys=True)),
             )
 
-    def forget_run(self, op: dict[str, Any]) -> None:
+    def forget_run(self, op: RunOp) -> None:
         with self._transaction() as db:
             db.execute(
                 "DELETE FROM runs WHERE agent = ? AND run_id = ?", (op["agent"], op["run_id"])
             )
 
-    def runs(self, op: dict[str, Any]) -> list[dict[str, Any]]:
+    def runs(self, op: AgentOp) -> list[LiveRun]:
         """The runs of an agent noted live: [{run_id, owner}]."""
         with self._transaction() as db:
             found = db.execute(
@@ -651,14 +444,14 @@ class SQLiteStore:
             ).fetchall()
         return [{"run_id": run_id, "owner": json.loads(owner)} for run_id, owner in found]
 
-    def events(self, agent: str | None = None) -> list[dict[str, Any]]:
+    def events(self, agent: str | None = None) -> list[Event]:
         """The history, oldest first (for tests, reports and re-pricing)."""
         assert self._db is not None
         cursor = self._db.execute(
             "SELECT * FROM events WHERE ? IS NULL OR agent = ? ORDER BY seq", (agent, agent)
         )
         names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row, strict=True)) for row in cursor]
+        return [cast("Event", dict(zip(names, row, strict=True))) for row in cursor]
 
     def close(self) -> None:
         if self._db is not None:
