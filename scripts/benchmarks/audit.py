@@ -44,6 +44,7 @@ def audit_read(tmp: str) -> None:
     import hashlib
     import json
 
+    from supervisor import _audit_chain as chain
     from supervisor import audit
     from supervisor._audit_view import summarize
 
@@ -60,8 +61,8 @@ def audit_read(tmp: str) -> None:
                 "unit": "bytes", "action": "kill", "prev": prev,
                 "detail": {"usage": {"api_calls": 1, "usd": "0.001"}} if i % 4 == 3 else "x",
             }  # fmt: skip
-            record["hash"] = prev = audit._hash(record)
-            f.write(audit._canonical(record) + b"\n")
+            record["hash"] = prev = chain._hash(record)
+            f.write(chain._canonical(record) + b"\n")
 
     def bare_hash() -> None:
         with open(path, "rb") as f:
