@@ -201,9 +201,9 @@ class StreamMeter:
             self.usage = from_json("openai", terminal) or self.usage
             self.done = True
             return True
-        usage = obj.get("usage")
-        if isinstance(usage, dict):  # chat: the usage chunk (choices empty), after the last
-            self.usage = openai_usage(usage, obj.get("service_tier"))
+        chunk = obj.get("usage")
+        if isinstance(chunk, dict):  # chat: the usage chunk (choices empty), after the last
+            self.usage = openai_usage(chunk, obj.get("service_tier"))
             if self.withhold and not obj.get("choices"):
                 return False
         return True
