@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 from supervisor.budget._policy import ModelPricing
 
-__all__ = ["PriceRow", "Priced", "Prices", "Tokens", "source_version"]
+__all__ = ["PriceRow", "Priced", "Prices", "Tokens", "provider_for_url", "source_version"]
 
 _PARTS = ("input", "output", "cached_input", "cache_write", "reasoning")
 # Priced by genai-prices only (a policy override has the five parts above).
@@ -276,3 +276,20 @@ class Prices:
                                self.version, hour, search)  # fmt: skip
                 rows.append(row)
         return rows
+
+
+def provider_for_url(url: str) -> str | None:
+    """The genai-prices provider whose API lives at ``url`` (an upstream), or None.
+
+    An OpenAI-compatible endpoint of another provider (OpenRouter, Groq...) is priced as
+    that provider's model, not as ``openai:<model>``.
+    """
+    import re
+
+    from genai_prices import data_snapshot
+
+    for provider in data_snapshot.get_snapshot().providers:
+        pattern = getattr(provider, "api_pattern", None)
+        if pattern and re.match(pattern, url):
+            return str(provider.id)
+    return None

@@ -15,7 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-__all__ = ["DEFAULT_PROVIDERS", "GatewayPolicy", "Provider", "ProviderPolicy", "resolve"]
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "GatewayPolicy",
+    "Provider",
+    "ProviderPolicy",
+    "key_variables",
+    "resolve",
+]
 
 Kind = Literal["openai", "anthropic"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

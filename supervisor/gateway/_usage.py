@@ -171,6 +171,7 @@ class StreamMeter:
         self.withhold = withhold_usage_chunk
         self.usage: WireUsage | None = None
         self.done = False  # the usage is final: nothing more to read for it
+        self.response_id: str | None = None  # a Responses stream's id (from its terminal)
         self._raw: dict[str, Any] = {}  # Anthropic: message_start's usage, then each delta's
 
     def event(self, name: str | None, data: str) -> bool:
@@ -198,6 +199,8 @@ class StreamMeter:
             return True
         if kind in _TERMINAL:
             terminal = _dict(obj.get("response"))
+            if isinstance(terminal.get("id"), str):
+                self.response_id = terminal["id"]
             self.usage = from_json("openai", terminal) or self.usage
             self.done = True
             return True
