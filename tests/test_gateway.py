@@ -549,3 +549,53 @@ def test_close_leaves_no_thread(make: Callable[..., World]) -> None:
     assert threading.active_count() <= before
     with pytest.raises(ConnectionRefusedError):
         post(world, "/openai/v1/models", b"")
+
+
+def test_serves_an_already_listening_socket(make: Callable[..., World]) -> None:
+    """Given a listening socket (as made in the child's namespace), the gateway serves it."""
+    import socket
+
+    world = make(usd=1)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    gw = Gateway(world.backend, list(world.gateway.providers.values()), token=TOKEN, sock=sock)
+    with gw:
+        assert gw.port == sock.getsockname()[1] and gw.url == f"http://127.0.0.1:{gw.port}"
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=GLOBAL_TIMEOUT)
+        body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 300, "messages": []})
+        conn.request("POST", "/openai/v1/chat/completions", body, {"x-api-key": TOKEN})
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert gw.wait_idle(GLOBAL_TIMEOUT)
+    assert world.spent() == CHAT
+
+
+def test_custody_off_passes_the_clients_own_key(make: Callable[..., World]) -> None:
+    """A provider without a key: the client's own key goes upstream, the token beside it."""
+    world = make(usd=1)
+    keyless = Provider("openai", "openai", f"{world.fake.url}/v1")
+    gw = Gateway(world.backend, [keyless], token=TOKEN)
+    with gw:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=GLOBAL_TIMEOUT)
+        body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 300, "messages": []})
+        headers = {"Authorization": "Bearer sk-clients-own", "x-supervise-token": TOKEN}
+        conn.request("POST", "/openai/v1/chat/completions", body, headers)
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert gw.wait_idle(GLOBAL_TIMEOUT)
+    assert world.fake.seen[0][1]["Authorization"] == "Bearer sk-clients-own"
+    assert "x-supervise-token" not in {k.lower() for k in world.fake.seen[0][1]}
+    assert world.spent() == CHAT
+
+
+def test_previous_response_counts_in_the_next_estimate(make: Callable[..., World]) -> None:
+    """A Responses turn naming previous_response_id holds the earlier turn's tokens too."""
+    world = make(usd=1)
+    post(world, "/openai/v1/responses", {"model": "gpt-4o-mini", "input": "hi"})
+    assert world.gateway.wait_idle(GLOBAL_TIMEOUT)
+    raw = json.dumps({"model": "gpt-4o-mini", "input": "more", "max_output_tokens": 10,
+                      "previous_response_id": "resp_1"}).encode()  # fmt: skip
+    post(world, "/openai/v1/responses", raw)
+    grants = [e for e in world.ledger.store.events("agent") if e["kind"] == "grant"]
+    assert grants[-1]["input_tokens"] == len(raw) + 900 + 250
