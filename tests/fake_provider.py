@@ -2,13 +2,22 @@
 
 Fixed usage numbers, cache fields included. The model name picks a variant: ``no-usage``
 answers without usage, ``fail-500`` answers HTTP 500. Every request is counted, and logged
-as ``("http", path)`` into a shared event list so tests can see what came first.
+as ``("http", path)`` into a shared event list so tests can see what came first; ``seen``
+keeps each request's path, headers and raw body (what the gateway forwarded).
+
+The request header ``x-fake`` picks a wire variant: ``gzip`` compresses the answer (SSE
+flushed event by event), ``gate`` stops a stream halfway until ``gate`` is set, ``search``
+adds Anthropic server-tool usage (two cumulative ``message_delta``), ``priority`` answers
+with that ``service_tier``. Also served: ``/v1/embeddings``, ``/v1/models``,
+``/v1/messages/count_tokens``. ``honor`` answers as a real provider would: no more
+completion tokens than the request's max tokens, fewer prompt tokens than its bytes.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -168,11 +177,30 @@ def message_stream(body: dict[str, Any]) -> list[tuple[str | None, Any]]:
     return events
 
 
+EMBEDDING_USAGE = {"prompt_tokens": 8, "total_tokens": 8}
+
+
+def embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    item = {"object": "embedding", "index": 0, "embedding": [0.0, 0.5]}
+    return {"object": "list", "data": [item], "model": body["model"], "usage": EMBEDDING_USAGE}
+
+
+def count_tokens(body: dict[str, Any]) -> dict[str, Any]:
+    return {"input_tokens": 42}
+
+
+def no_stream(body: dict[str, Any]) -> list[tuple[str | None, Any]]:
+    raise AssertionError("this endpoint does not stream")
+
+
 ROUTES = {
     "/v1/chat/completions": (chat, chat_stream),
     "/v1/responses": (response, response_stream),
     "/v1/messages": (message, message_stream),
+    "/v1/embeddings": (embeddings, no_stream),
+    "/v1/messages/count_tokens": (count_tokens, no_stream),
 }
+SEARCH_USAGE = {"server_tool_use": {"web_search_requests": 3}}
 
 
 class FakeProvider:
@@ -180,7 +208,12 @@ class FakeProvider:
 
     def __init__(self, events: list[tuple[Any, ...]] | None = None) -> None:
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.seen: list[tuple[str, dict[str, str], bytes]] = []
+        self.served: list[dict[str, Any]] = []  # the usage of every whole JSON answer
         self.events = events if events is not None else []
+        self.gate = threading.Event()  # x-fake: gate streams wait on it halfway
+        self.halfway = threading.Event()  # set when a gated stream reached the gate
+        self.finished = threading.Event()  # set when a gated stream wrote its last event
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -189,38 +222,99 @@ class FakeProvider:
             def log_message(self, *args: object) -> None:
                 pass
 
+            def do_GET(self) -> None:
+                provider.seen.append((self.path, dict(self.headers), b""))
+                provider.events.append(("http", self.path))
+                if self.path.startswith("/v1/models"):
+                    self._json(200, {"object": "list", "data": [{"id": "gpt-4o-mini"}]})
+                else:
+                    self._json(404, {"error": {"message": "no such path"}})
+
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(raw)
                 provider.requests.append((self.path, body))
+                provider.seen.append((self.path, dict(self.headers), raw))
                 provider.events.append(("http", self.path))
                 plain, stream = ROUTES[self.path]
+                fake = self.headers.get("x-fake", "")
                 if body.get("model") == "fail-500":
                     self._json(500, {"error": {"message": "boom", "type": "server_error"}})
                 elif body.get("stream"):
-                    self._sse(stream(body))
+                    self._sse(self._vary(stream(body), fake), fake)
                 else:
-                    self._json(200, plain(body))
+                    answer = plain(body)
+                    if fake == "priority":
+                        answer["service_tier"] = "priority"
+                    if fake == "honor" and answer.get("usage"):  # a real provider's max tokens
+                        most = body.get("max_completion_tokens") or body.get("max_tokens")
+                        out = min(CHAT_USAGE["completion_tokens"], most or 10**9)
+                        details = {"reasoning_tokens": min(100, out)}
+                        prompt = min(CHAT_USAGE["prompt_tokens"], len(raw) // 4)
+                        cached = {"cached_tokens": prompt // 2}  # fewer tokens than bytes
+                        answer["usage"] = {**CHAT_USAGE, "completion_tokens": out,
+                                           "completion_tokens_details": details,
+                                           "prompt_tokens": prompt,
+                                           "prompt_tokens_details": cached}  # fmt: skip
+                    if answer.get("usage"):
+                        provider.served.append(answer["usage"])
+                    if fake == "search" and answer.get("usage"):
+                        answer["usage"] = {**answer["usage"], **SEARCH_USAGE}
+                    self._json(200, answer, gzip=fake == "gzip")
 
-            def _json(self, status: int, data: dict[str, Any]) -> None:
+            def _vary(
+                self, events: list[tuple[str | None, Any]], fake: str
+            ) -> list[tuple[str | None, Any]]:
+                if fake != "search":
+                    return events
+                # A server tool: a first message_delta, then a later cumulative one.
+                out: list[tuple[str | None, Any]] = []
+                for name, data in events:
+                    if name == "message_delta":
+                        early = {**data, "usage": {"output_tokens": 7, **SEARCH_USAGE}}
+                        out.append((name, early))
+                    out.append((name, data))
+                return [(n, {**d, "usage": {**d["usage"], **SEARCH_USAGE}}) if n ==
+                        "message_delta" else (n, d) for n, d in out]  # fmt: skip
+
+            def _json(self, status: int, data: dict[str, Any], gzip: bool = False) -> None:
                 raw = json.dumps(data).encode()
+                if gzip:
+                    packer = zlib.compressobj(wbits=31)
+                    raw = packer.compress(raw) + packer.flush()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                if gzip:
+                    self.send_header("Content-Encoding", "gzip")
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
                 self.wfile.write(raw)
 
-            def _sse(self, events: list[tuple[str | None, Any]]) -> None:
+            def _sse(self, events: list[tuple[str | None, Any]], fake: str = "") -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
+                if fake == "gzip":
+                    self.send_header("Content-Encoding", "gzip")
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.close_connection = True
+                packer = zlib.compressobj(wbits=31) if fake == "gzip" else None
                 try:
-                    for name, data in events:
+                    for i, (name, data) in enumerate(events):
+                        if fake == "gate" and i == len(events) // 2:
+                            provider.halfway.set()
+                            provider.gate.wait(30)
                         text = data if isinstance(data, str) else json.dumps(data)
                         head = f"event: {name}\n" if name else ""
-                        self.wfile.write(f"{head}data: {text}\n\n".encode())
+                        raw = f"{head}data: {text}\n\n".encode()
+                        if packer is not None:
+                            raw = packer.compress(raw) + packer.flush(zlib.Z_SYNC_FLUSH)
+                        self.wfile.write(raw)
                         self.wfile.flush()
+                    if packer is not None:
+                        self.wfile.write(packer.flush())
+                    if fake == "gate":
+                        provider.finished.set()
                 except OSError:
                     pass  # the client stopped reading: a stream cut short
 
@@ -236,6 +330,7 @@ class FakeProvider:
         self.thread.start()
 
     def close(self) -> None:
+        self.gate.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()

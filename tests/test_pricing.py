@@ -113,3 +113,43 @@ def test_table_filters_by_glob_or_substring() -> None:
     rows = Prices().table("anthropic/claude-3-5-haiku*")
     assert rows and all(r.provider == "anthropic" for r in rows)
     assert any(r.model == "gpt-4o-mini" for r in Prices().table("4o-mini"))
+
+
+def test_anthropic_one_hour_cache_writes_at_their_own_price() -> None:
+    """claude-sonnet-4-0: 10000 1-hour cache writes at $6, not the 5-minute $3.75 ($0.06195)."""
+    hour = Tokens(10000, 130, 0, 10000, cache_write_1h=10000)
+    priced = Prices().price("claude-sonnet-4-0", "anthropic", hour)
+    assert priced is not None and priced.micro_usd == 61950
+    five = Prices().price("claude-sonnet-4-0", "anthropic", Tokens(10000, 130, 0, 10000))
+    assert five is not None and five.micro_usd == 39450
+
+
+def test_anthropic_web_searches_are_ten_dollars_a_thousand() -> None:
+    """Three server-side web searches add $0.03 to a $0.0045 call."""
+    priced = Prices().price("claude-sonnet-4-0", "anthropic", Tokens(1000, 100, web_searches=3))
+    assert priced is not None and priced.micro_usd == 34500
+
+
+@pytest.mark.parametrize(
+    ("model", "tier", "micro"),
+    [("gpt-4.1", None, 28000), ("gpt-4.1", "default", 28000), ("gpt-4.1", "priority", 49000),
+     ("gpt-5", None, 22500), ("gpt-5", "flex", 11250), ("gpt-5", "auto", 22500)],
+)  # fmt: skip
+def test_openai_service_tier_prices(model: str, tier: str | None, micro: int) -> None:
+    """OpenAI's service_tier picks its price row: priority costs more, flex half."""
+    priced = Prices().price(model, "openai", Tokens(10000, 1000), service_tier=tier)
+    assert priced is not None and priced.micro_usd == micro
+
+
+def test_one_hour_writes_are_part_of_cache_writes() -> None:
+    """More 1-hour cache writes than cache writes is refused, like any part above its whole."""
+    with pytest.raises(ValueError, match="cache_write_1h"):
+        Tokens(10, 0, 0, 3, cache_write_1h=4).check()
+
+
+def test_models_table_has_the_extra_price_columns() -> None:
+    """The table's rows carry the 1-hour cache write and web search prices."""
+    row = next(
+        r for r in Prices().table("anthropic/claude-sonnet-4-0") if r.model == "claude-sonnet-4-0"
+    )
+    assert row.cache_write_1h == Decimal(6) and row.web_searches == Decimal(10)

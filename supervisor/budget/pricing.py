@@ -7,6 +7,12 @@ creation), ``cached_input_tokens`` and ``cache_write_tokens`` are parts of it, a
 charged at its parent's price (cache writes at the input price on OpenAI, reasoning at the
 output price), which is what both providers bill.
 
+Some calls carry more than tokens, each priced by genai-prices when the model has the price:
+Anthropic's 1-hour cache writes (``cache_write_1h``, a part of ``cache_write``; the 5-minute
+rate otherwise), server-side web searches (``web_searches``, USD per thousand) and OpenAI's
+``service_tier`` (``priority`` and ``flex`` have their own price rows). A call without them
+is priced exactly as before.
+
 A charge is rounded *up* to a whole micro-USD, so no call is ever free by rounding. The
 table is imported on first use (genai-prices costs ~0.25 s to import); each model's price
 is resolved once per hour and then computed here in exact ``Decimal`` (~100x faster than
@@ -23,9 +29,11 @@ from typing import Any, NamedTuple
 
 from supervisor.budget._policy import ModelPricing
 
-__all__ = ["PriceRow", "Priced", "Prices", "Tokens", "source_version"]
+__all__ = ["PriceRow", "Priced", "Prices", "Tokens", "provider_for_url", "source_version"]
 
 _PARTS = ("input", "output", "cached_input", "cache_write", "reasoning")
+# Priced by genai-prices only (a policy override has the five parts above).
+_EXTRA_KEYS = {"cache_write_1h": "cache_write_1h_mtok", "web_searches": "web_searches_kcount"}
 # Our parts -> genai-prices' price keys (USD per million) and usage keys.
 _PRICE_KEYS = {
     "input": "input_mtok",
@@ -45,6 +53,8 @@ class Tokens(NamedTuple):
     cached_input: int = 0
     cache_write: int = 0
     reasoning: int = 0
+    cache_write_1h: int = 0  # part of cache_write: Anthropic's 1-hour cache writes
+    web_searches: int = 0  # not tokens: server-side web searches (Anthropic, OpenAI tools)
 
     def check(self) -> None:
         """Raise ValueError when a count is negative or a part is larger than its whole."""
@@ -55,6 +65,10 @@ class Tokens(NamedTuple):
             raise ValueError(
                 "cached_input_tokens + cache_write_tokens cannot exceed input_tokens "
                 "(input_tokens counts every input token, cached ones included)"
+            )
+        if self.cache_write_1h > self.cache_write:
+            raise ValueError(
+                "cache_write_1h_tokens cannot exceed cache_write_tokens (a part of them)"
             )
         if self.reasoning > self.output:
             raise ValueError(
@@ -82,6 +96,8 @@ class PriceRow(NamedTuple):
     reasoning: Decimal | None
     tiered: bool
     source: str
+    cache_write_1h: Decimal | None = None
+    web_searches: Decimal | None = None  # USD per thousand searches
 
 
 def _micro(total: Decimal) -> int:
@@ -94,6 +110,15 @@ def _exact(prices: Mapping[str, Decimal | None], tokens: Tokens) -> int:
     inp, out = prices["input"] or Decimal(0), prices["output"] or Decimal(0)
     total = Decimal(0)
     leaf_input = tokens.input
+    hour = prices.get("cache_write_1h")
+    if hour is not None and tokens.cache_write_1h and prices["cache_write"] is not None:
+        # Only with a 5-minute price as well: without one, every write is at the input price.
+        total += tokens.cache_write_1h * hour
+        leaf_input -= tokens.cache_write_1h
+        tokens = tokens._replace(cache_write=tokens.cache_write - tokens.cache_write_1h)
+    search = prices.get("web_searches")
+    if search is not None and tokens.web_searches:
+        total += tokens.web_searches * search * 1000  # USD per thousand = 1000 micro-USD each
     for part, count in (("cached_input", tokens.cached_input), ("cache_write", tokens.cache_write)):
         price = prices[part]
         if price is not None and count:
@@ -125,7 +150,7 @@ class Prices:
             for name, price in (overrides or {}).items()
         }
         self._lower = {name.lower(): prices for name, prices in self._overrides.items()}
-        self._resolved: dict[tuple[str, str | None], tuple[float, Any]] = {}
+        self._resolved: dict[tuple[str, str | None, str | None], tuple[float, Any]] = {}
         self._version: str | None = None
 
     @property
@@ -134,12 +159,23 @@ class Prices:
             self._version = source_version()
         return self._version
 
-    def price(self, model: str, provider: str | None, tokens: Tokens) -> Priced | None:
-        """The price of a call, or None when neither the policy nor the table knows the model."""
+    def price(
+        self,
+        model: str,
+        provider: str | None,
+        tokens: Tokens,
+        *,
+        service_tier: str | None = None,
+    ) -> Priced | None:
+        """The price of a call, or None when neither the policy nor the table knows the model.
+
+        ``service_tier`` is OpenAI's (``priority``, ``flex``...): the table's price for that
+        tier when it has one, else the standard price.
+        """
         override = self._overrides.get(model) or self._lower.get(model.lower())
         if override is not None:
             return Priced(_exact(override, tokens), "policy", "policy")
-        resolved = self._resolve(model, provider)
+        resolved = self._resolve(model, provider, service_tier or None)
         if resolved is None:
             return None
         flat, model_price = resolved
@@ -153,6 +189,8 @@ class Prices:
             cache_read_tokens=tokens.cached_input,
             cache_write_tokens=tokens.cache_write,
             output_reasoning_tokens=tokens.reasoning,
+            cache_write_1h_tokens=tokens.cache_write_1h,
+            web_searches=tokens.web_searches,
         )
         total = model_price.calc_price(usage)["total_price"]
         return Priced(_micro(total * 1_000_000), "genai-prices", self.version)
@@ -163,10 +201,10 @@ class Prices:
             return True
         return self._resolve(model, provider) is not None
 
-    def _resolve(self, model: str, provider: str | None) -> Any:
+    def _resolve(self, model: str, provider: str | None, tier: str | None = None) -> Any:
         """(flat prices or None, genai-prices ModelPrice), cached an hour; None: unknown."""
         now = time.monotonic()
-        cached = self._resolved.get((model, provider))
+        cached = self._resolved.get((model, provider, tier))
         if cached is not None and now - cached[0] < _RESOLVE_EVERY:
             return cached[1]
         from datetime import UTC, datetime
@@ -178,11 +216,13 @@ class Prices:
         except LookupError:
             result = None
         else:
-            model_price = info.get_prices(datetime.now(UTC))
-            raw = {part: getattr(model_price, key) for part, key in _PRICE_KEYS.items()}
+            context = None if tier is None else {"service_tier": tier}
+            model_price = info.get_prices(datetime.now(UTC), context)
+            keys = {**_PRICE_KEYS, **_EXTRA_KEYS}
+            raw = {part: getattr(model_price, key, None) for part, key in keys.items()}
             tiered = any(isinstance(value, types.TieredPrices) for value in raw.values())
             result = (None if tiered else raw, model_price)
-        self._resolved[model, provider] = (now, result)
+        self._resolved[model, provider, tier] = (now, result)
         return result
 
     def table(self, pattern: str | None = None) -> list[PriceRow]:
@@ -229,7 +269,27 @@ class Prices:
                 if values[0] is None and values[1] is None:
                     continue  # priced per image, per second...: not a token model
                 inp, out, cached, write, reasoning = values
+                extra = [getattr(price, key, None) for key in _EXTRA_KEYS.values()]
+                tiered = tiered or any(isinstance(value, types.TieredPrices) for value in extra)
+                hour, search = [v.base if isinstance(v, types.TieredPrices) else v for v in extra]
                 row = PriceRow(provider.id, info.id, inp, out, cached, write, reasoning, tiered,
-                               self.version)  # fmt: skip
+                               self.version, hour, search)  # fmt: skip
                 rows.append(row)
         return rows
+
+
+def provider_for_url(url: str) -> str | None:
+    """The genai-prices provider whose API lives at ``url`` (an upstream), or None.
+
+    An OpenAI-compatible endpoint of another provider (OpenRouter, Groq...) is priced as
+    that provider's model, not as ``openai:<model>``.
+    """
+    import re
+
+    from genai_prices import data_snapshot
+
+    for provider in data_snapshot.get_snapshot().providers:
+        pattern = getattr(provider, "api_pattern", None)
+        if pattern and re.match(pattern, url):
+            return str(provider.id)
+    return None
