@@ -27,8 +27,9 @@
  *   - when the supervisor dies (pidfd of the parent readable, or EOF on the control
  *     fd) it SIGKILLs the whole tree, so nothing outlives supervise, even a SIGKILLed one.
  *
- * Arguments: key=value words, then "--", then the command:
- *   status=FD ctl=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N[:HARD]] [nofile=N] [oom=N]
+ * Arguments: key=value words, then "--", then the command (fd=FD is one socket for
+ * both directions; status=FD ctl=FD name two one-way fds instead, e.g. two pipes):
+ *   fd=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N[:HARD]] [nofile=N] [oom=N]
  *   [nproc=N] [scope=1] [lfs=MASK] [lnet=MASK] [rule=MASK:PATH]... [netns=1|2]
  *   [ipcns=1] [cgroup=DIR] [cwd=DIR] [pass=FD]... -- argv...
  *
@@ -485,7 +486,8 @@ int main(int argc, char **argv) {
     int pass[MAX_PASS], npass = 0, i;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
         char *a = argv[i];
-        if (!strncmp(a, "status=", 7)) status_fd = atoi(a + 7);
+        if (!strncmp(a, "fd=", 3)) status_fd = ctl_fd = atoi(a + 3);
+        else if (!strncmp(a, "status=", 7)) status_fd = atoi(a + 7);
         else if (!strncmp(a, "ctl=", 4)) ctl_fd = atoi(a + 4);
         else if (!strncmp(a, "ppid=", 5)) ppid = (pid_t)atoi(a + 5);
         else if (!strncmp(a, "cpu=", 4)) sscanf(a + 4, "%lld:%lld", &cpu_soft, &cpu_hard);
@@ -512,7 +514,7 @@ int main(int argc, char **argv) {
         }
     }
     if (i >= argc - 1 || status_fd < 0 || ctl_fd < 0 || ppid <= 0) {
-        fprintf(stderr, "supervise reaper: usage: status=FD ctl=FD ppid=PID ... -- command\n");
+        fprintf(stderr, "supervise reaper: usage: fd=FD ppid=PID ... -- command\n");
         return 125;
     }
     char **cmd = argv + i + 1;
