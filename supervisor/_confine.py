@@ -134,11 +134,10 @@ class Confinement:
 
     def _setup_fsize(self, kills: bool) -> None:
         """RLIMIT_FSIZE from limits.file_size and, when they kill, the workspace caps."""
-        caps = [self.plan.max.file_size] if kills else []
         spec = self.plan.workspace or {}
-        if kills and spec.get("max_file_size") is not None:
-            caps.append(spec["max_file_size"] + 1)
-        caps = [int(c) for c in caps if c is not None]
+        mfs = spec.get("max_file_size")
+        given = [self.plan.max.file_size, None if mfs is None else mfs + 1] if kills else []
+        caps = [int(c) for c in given if c is not None]
         quota = kills and spec.get("quota") is not None and self.tracker is not None
         if not caps and not quota:
             return

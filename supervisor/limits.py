@@ -74,6 +74,19 @@ def nproc_cap(plan: RunPlan) -> int | None:
     return task_cap(processes) if userns_available() else None
 
 
+def nproc_evidence(plan: RunPlan, pid: int) -> str | None:
+    """What caps processes in the kernel, from evidence: the child's user namespace."""
+    cap = nproc_cap(plan)
+    if cap is None:
+        return None
+    try:
+        ours = os.readlink("/proc/self/ns/user")
+        theirs = os.readlink(f"/proc/{pid}/ns/user")
+    except OSError:
+        return None
+    return f"RLIMIT_NPROC={cap} in a user namespace" if ours != theirs else None
+
+
 def oom_score_adj() -> int:
     """The child's oom_score_adj: 500 above ours, so the OOM killer picks it first."""
     try:

@@ -230,6 +230,13 @@ class Child:
                 pass
         self.fd = -1
 
+    def release(self) -> None:
+        """Close the socket (the reaper kills what is left and exits) and reap the reaper."""
+        self.close()
+        if self.reaper_pid > 0:
+            _reap(self.reaper_pid)
+            self.reaper_pid = 0
+
 
 def build_env(
     inherit: bool | list[str], set_: dict[str, str], base: dict[str, str] | None = None
