@@ -340,7 +340,13 @@ class RunBackend:
 
 
 def open_rpc(
-    events: RunEvents, plan: RunPlan, result: RunResult, workspace: Workspace | None, log: RunLog
+    plan: RunPlan,
+    result: RunResult,
+    workspace: Workspace | None,
+    log: RunLog,
+    verdicts: Verdicts,
+    on_usage: Callable[[dict[str, Any]], None] | None,
+    on_lost: Callable[[SupervisorError], None],
 ) -> tuple[RunBackend, RpcServer] | None:
     """The budget RPC of a run, when the policy has something to ask it for (a budget, a
     workspace's check_write, steps); None when it has not.  The ledger opens here, so an
@@ -358,6 +364,7 @@ def open_rpc(
         )
         for dead_run, s in recovered:
             log.recovered(dead_run, agent, s)
+    events = BudgetEvents(result, verdicts, log, on_usage, on_lost)
     backend = RunBackend(events, result.usage, ledger, workspace, plan.max.step_time)
 
     def rpc_error(code: int, message: str, excerpt: str) -> None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .audit import AuditLog
     from .budget.ledger import Settled
     from .errors import BudgetError, StoreUnavailable
-    from .result import RunResult
+    from .result import RunResult, Violation
     from .spawn import Child
 
 
@@ -100,6 +100,31 @@ class RunLog:
         except SupervisorError as e:
             self._on_fail(e)
             raise
+
+    def violation(self, v: Violation, kill: bool) -> None:
+        self.log(
+            "violation",
+            limit=v.limit,
+            observed=v.observed,
+            limit_value=v.limit_value,
+            unit=v.unit,
+            action="kill" if kill else "warn",
+            detail=v.message,
+        )
+
+    def warning(self, w: dict[str, Any]) -> None:
+        """An alert (``watch.Verdicts.alert``'s warning)."""
+        from .result import UNITS
+
+        self.log(
+            "warning",
+            limit=w["limit"],
+            observed=w["observed"],
+            limit_value=w["limit_value"],
+            unit=UNITS.get(w["limit"]),
+            action="alert",
+            detail=w["message"],
+        )
 
     def denied(self, error: BudgetError | StoreUnavailable) -> None:
         """A budget call was refused (throttled: see ``TokenBucket``)."""

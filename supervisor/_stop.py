@@ -135,6 +135,40 @@ class Stopper:
         return sorted(self._kill_pids & self._term_pids)
 
 
+class Wake:
+    """A self-pipe that wakes the run loop: ``interrupt()`` writes it (async-signal-safe)."""
+
+    __slots__ = ("r", "w")
+
+    def __init__(self) -> None:
+        self.r = self.w = -1  # made by open(), so an unrun Run holds no fds
+
+    def open(self) -> None:
+        self.r, self.w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def poke(self) -> None:
+        if self.w >= 0:
+            try:
+                os.write(self.w, b"!")
+            except OSError:
+                pass
+
+    def clear(self) -> None:
+        try:
+            os.read(self.r, 512)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.r = self.w = -1
+
+
 def drain(child: Child) -> None:
     """Read the reaper's socket to its end (it exits when the tree is empty); a reaper
     that does not finish within REAPER_DEADLINE is killed, and what is left with it."""

@@ -11,6 +11,10 @@ import os
 import time
 from decimal import Decimal
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .errors import SupervisorError
+
 STATUSES = ("ok", "violation", "failed", "signaled")
 
 # The unit each limit is measured in, for messages, the audit log and the JSON result.
@@ -110,6 +114,37 @@ def exit_status(
     if forwarded and violation is None and killed_after_grace:
         status, code = "signaled", 128 + forwarded
     return status, code
+
+
+def conclude(
+    res: RunResult,
+    wstatus: int | None,
+    *,
+    kills: bool,
+    killed: int = 0,
+    ignored: list[int] | None = None,
+    forwarded: int = 0,
+    killed_after_grace: bool = False,
+) -> None:
+    """Fill in returncode, status and exit code of a run seen to its end; a violation
+    that stopped the tree (``kills``) says how many processes it killed, and who
+    ignored SIGTERM."""
+    res.returncode = returncode(wstatus if wstatus is not None else 0)
+    v = res.violation
+    if v is not None and kills:
+        v.message += stop_note(killed, ignored or [])
+    res.status, res.exit_code = exit_status(
+        res.returncode,
+        v,
+        killed=kills and v is not None,
+        forwarded=forwarded,
+        killed_after_grace=killed_after_grace,
+    )
+
+
+def fail(res: RunResult, error: SupervisorError) -> None:
+    """supervise could not run the command, or not go on safely (it stopped the tree)."""
+    res.status, res.exit_code, res.error = "failed", error.exit_code, str(error)
 
 
 def iso_time(t: float) -> str:

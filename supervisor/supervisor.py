@@ -24,7 +24,7 @@ from ._plan import RunPlan
 from ._run_log import RunLog, open_audit
 from .errors import SupervisorError
 from .limits import helper_words, nproc_evidence
-from .result import UNITS, RunResult, exit_status, iso_time, returncode, stop_note
+from .result import RunResult, conclude, fail, iso_time
 from .spawn import Done, Exited, KernelKill, Signalled, build_env, reaper_path, spawn
 from .watch import (
     TreeSampler,
@@ -130,7 +130,7 @@ class Run:
         )  # fmt: skip
         self.result = RunResult(os.urandom(8).hex(), agent or self.plan.agent, session, argv)
         self.child: Child | None = None
-        self._wake_r = self._wake_w = -1  # made by execute(), so an unrun Run holds no fds
+        self.wake = _stop.Wake()
         self._pending_signal = 0
         self._logged_start = False
         self.stopper = _stop.Stopper(self.plan.grace, self._before_term)
@@ -150,11 +150,7 @@ class Run:
     def interrupt(self, sig: int) -> None:
         """Forward ``sig`` to the tree and stop it after ``grace`` (async-signal-safe)."""
         self._pending_signal = sig
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"!")
-            except OSError:
-                pass
+        self.wake.poke()
 
     # -- the lifecycle -----------------------------------------------------------
 
@@ -166,9 +162,9 @@ class Run:
             pass  # spawn() reports it
         t0 = time.monotonic()
         self.result.started_at = iso_time(time.time())
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.wake.open()
         if self._pending_signal:  # interrupted before it started
-            os.write(self._wake_w, b"!")
+            self.wake.poke()
         try:
             return self._execute(t0)
         finally:
@@ -226,20 +222,13 @@ class Run:
         return self.child, rlimits
 
     def _open_rpc(self, env: dict[str, str]) -> tuple[int, ...]:
-        from ._backend import BudgetEvents, open_rpc
+        from ._backend import open_rpc
 
-        on_usage = self.sup.on_usage
-        events = BudgetEvents(
-            self.result,
-            self.verdicts,
-            self.log,
-            None
-            if on_usage is None
-            else lambda event: self.hooks.call("on_usage", on_usage, event),
-            self._spend_lost,
-        )
-        assert self.confine is not None
-        opened = open_rpc(events, self.plan, self.result, self.confine.workspace, self.log)
+        hook, hooks, confine = self.sup.on_usage, self.hooks, self.confine
+        on_usage = None if hook is None else lambda event: hooks.call("on_usage", hook, event)
+        assert confine is not None
+        opened = open_rpc(self.plan, self.result, confine.workspace, self.log, self.verdicts,
+                          on_usage, self._spend_lost)  # fmt: skip
         if opened is None:
             return ()
         self.backend, self.rpc = opened
@@ -273,7 +262,7 @@ class Run:
         sample_at = t0 + 0.01  # the first sample waits: a command over in 10 ms costs nothing
         poller = select.poll()
         storage_fd, rpc_fd = confine.fileno(), self.rpc.fileno() if self.rpc else -1
-        for fd in (child.fd, self._wake_r, storage_fd, rpc_fd):
+        for fd in (child.fd, self.wake.r, storage_fd, rpc_fd):
             if fd >= 0:
                 poller.register(fd, select.POLLIN)
         while True:
@@ -308,7 +297,7 @@ class Run:
             due = (wall_at, stopper.deadline(), sample_at, step and step[0])
             timeout = max(0.0, min(d for d in due if d is not None) - now)
             for fd, _ in poller.poll(timeout * 1000 + 0.5):
-                if fd == self._wake_r:
+                if fd == self.wake.r:
                     self._on_wake()
                 elif fd == storage_fd:
                     self.verdicts.judge(confine.poll(prev.pids if prev is not None else []))
@@ -322,10 +311,7 @@ class Run:
                         return
 
     def _on_wake(self) -> None:
-        try:
-            os.read(self._wake_r, 512)
-        except OSError:
-            pass
+        self.wake.clear()
         sig, self._pending_signal = self._pending_signal, 0
         if sig:
             self.stopper.forward(sig)
@@ -361,9 +347,7 @@ class Run:
         """A limit was broken: stop (or warn), log it, tell the hook."""
         if kill:
             self.stopper.stop(sweep=False)  # first: an fsync'd audit line may take 100 ms
-        v = violation
-        self.log.log("violation", limit=v.limit, observed=v.observed, limit_value=v.limit_value,
-                     unit=v.unit, action="kill" if kill else "warn", detail=v.message)  # fmt: skip
+        self.log.violation(violation, kill)
         # After the stop has begun: the hook runs on the hook thread and cannot delay it.
         self.hooks.call("on_violation", self.sup.on_violation, violation)
 
@@ -372,10 +356,7 @@ class Run:
         if self.rpc is not None:
             self.rpc.notify("warning", note)
         self.result.warnings.append(warning)
-        limit = warning["limit"]
-        self.log.log("warning", limit=limit, observed=warning["observed"],
-                     limit_value=warning["limit_value"], unit=UNITS.get(limit), action="alert",
-                     detail=warning["message"])  # fmt: skip
+        self.log.warning(warning)
         self.hooks.call("on_warning", self.sup.on_warning, warning)
 
     def _before_term(self, sweep: bool) -> None:
@@ -397,41 +378,23 @@ class Run:
             self.backend.close()
         if self.child is not None:
             self.child.release()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = -1
+        self.wake.close()
 
     def _finish(self, t0: float) -> RunResult:
         res, stopper = self.result, self.stopper
         res.usage.wall_time = time.monotonic() - t0
         res.ended_at = iso_time(time.time())
-        res.returncode = returncode(self._wstatus if self._wstatus is not None else 0)
-        self._settle()
+        if self.backend is not None:  # holds still open are charged at their input estimate
+            self.log.settled(self.backend)
         self._check_after_exit()
-        v, killed = res.violation, self.plan.kills and res.violation is not None
-        if v is not None and killed:
-            v.message += stop_note(stopper.killed(), stopper.ignored_term())
-        res.status, res.exit_code = exit_status(
-            res.returncode,
-            v,
-            killed=killed,
-            forwarded=stopper.forwarded,
-            killed_after_grace=stopper.killed_after_grace(),
-        )
+        conclude(res, self._wstatus, kills=self.plan.kills, killed=stopper.killed(),
+                 ignored=stopper.ignored_term(), forwarded=stopper.forwarded,
+                 killed_after_grace=stopper.killed_after_grace())  # fmt: skip
         if self._fail is not None:  # supervise could not go on safely: it stopped the tree
-            res.status, res.exit_code = "failed", self._fail.exit_code
-            res.error = str(self._fail)
+            fail(res, self._fail)
             self.error = self._fail
         self._end(res)
         return res
-
-    def _settle(self) -> None:
-        if self.backend is not None:
-            self.log.settled(self.backend)
 
     def _check_after_exit(self) -> None:
         """The tree's exact CPU total (from the reaper's rusage) against cpu_time, and the
@@ -446,7 +409,7 @@ class Run:
 
     def _failed(self, error: SupervisorError, t0: float) -> RunResult:
         res = self.result
-        res.status, res.exit_code, res.error = "failed", error.exit_code, str(error)
+        fail(res, error)
         res.usage.wall_time = time.monotonic() - t0
         res.ended_at = iso_time(time.time())
         self.error = error
