@@ -187,6 +187,13 @@ class RunLog:
         except SupervisorError:
             pass  # a live-run note left behind: the next run finds this pid gone, settles nothing
 
+    def failed_start(self, argv: list[str], error: SupervisorError) -> None:
+        """The run failed before its ``run_start``: one that says why."""
+        try:
+            self.log("run_start", detail={"command": argv, "error": str(error)})
+        except SupervisorError:
+            pass
+
     def start(
         self,
         plan: RunPlan,

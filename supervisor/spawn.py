@@ -14,7 +14,13 @@ import errno as _errno
 import os
 import sys
 
-from .errors import CommandNotExecutable, CommandNotFound, HelperError, SpawnError
+from .errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    HelperError,
+    SpawnError,
+    SupervisorError,
+)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_HERE, "_reaper.c")
@@ -178,6 +184,14 @@ def parse_event(line: bytes) -> Event | None:
     return None
 
 
+def prebuild_reaper() -> None:
+    """Build the reaper now if it must be (errors: ``spawn()`` reports them)."""
+    try:
+        reaper_path()
+    except SupervisorError:
+        pass
+
+
 class Child:
     """A started command: its reaper's pid, the command's pid, and the reaper's socket.
 
@@ -222,7 +236,7 @@ class Child:
         except OSError:  # the reaper is gone: the tree is already empty
             pass
 
-    def close(self) -> None:
+    def close_socket(self) -> None:
         if self.fd >= 0:
             try:
                 os.close(self.fd)
@@ -230,18 +244,21 @@ class Child:
                 pass
         self.fd = -1
 
-    def release(self) -> None:
+    def close(self) -> None:
         """Close the socket (the reaper kills what is left and exits) and reap the reaper."""
-        self.close()
+        self.close_socket()
         if self.reaper_pid > 0:
             _reap(self.reaper_pid)
             self.reaper_pid = 0
 
 
 def build_env(
-    inherit: bool | list[str], set_: dict[str, str], base: dict[str, str] | None = None
+    inherit: bool | list[str],
+    set_: dict[str, str],
+    base: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The child's environment: inherited (all, none or some names) plus ``set``."""
+    """The child's environment: inherited (all, none or some names), ``set``, ``extra``."""
     src = os.environ if base is None else base
     if inherit is True:
         env = dict(src)
@@ -250,6 +267,7 @@ def build_env(
     else:
         env = {k: src[k] for k in inherit if k in src}
     env.update(set_)
+    env.update(extra or {})
     return env
 
 
@@ -324,11 +342,11 @@ def spawn(
     except BaseException:
         # Interrupted before the run took over the child: nothing may run unsupervised.
         child.signal_tree(9)
-        child.close()
+        child.close_socket()
         _reap(reaper_pid)
         raise
     _reap(reaper_pid)
-    child.close()
+    child.close_socket()
     raise _setup_error(first, event, argv, rlimits)
 
 

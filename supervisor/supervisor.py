@@ -25,7 +25,7 @@ from ._run_log import RunLog, open_audit
 from .errors import SupervisorError
 from .limits import helper_words, nproc_evidence
 from .result import RunResult, conclude, fail, iso_time
-from .spawn import Done, Exited, KernelKill, Signalled, build_env, reaper_path, spawn
+from .spawn import Done, Exited, KernelKill, Signalled, build_env, prebuild_reaper, spawn
 from .watch import (
     TreeSampler,
     Verdicts,
@@ -144,7 +144,7 @@ class Run:
         self.confine: Confinement | None = None
         self.rpc: RpcServer | None = None
         self.backend: RunBackend | None = None
-        self.log = RunLog(None, self.result, self._log_failed)
+        self.log = RunLog(None, self.result, self._fail_closed)
         self.hooks = HookRunner(self._hook_failed)
 
     def interrupt(self, sig: int) -> None:
@@ -156,10 +156,7 @@ class Run:
 
     def execute(self) -> RunResult:
         """Run to the end (blocking) and return the RunResult."""
-        try:
-            reaper_path()  # a first run may build the helper: not on the child's clock
-        except SupervisorError:
-            pass  # spawn() reports it
+        prebuild_reaper()  # a first run may build the helper: not on the child's clock
         t0 = time.monotonic()
         self.result.started_at = iso_time(time.time())
         self.wake.open()
@@ -182,9 +179,8 @@ class Run:
         if self.rpc is not None:
             self.rpc.close_child_end()
         try:
-            self.log.start(
-                self.plan, self.argv, child, confine, rlimits, nproc_evidence(self.plan, child.pid)
-            )
+            evidence = nproc_evidence(self.plan, child.pid)
+            self.log.start(self.plan, self.argv, child, confine, rlimits, evidence)
             self._logged_start = True
             for message in confine.warnings:
                 self.log.log("warning", action="fallback", detail=message)
@@ -201,10 +197,10 @@ class Run:
 
     def _spawn(self) -> tuple[Child, list[str]]:
         plan, res = self.plan, self.result
-        env = build_env(plan.env_inherit, plan.env_set, self.env)
-        env["SUPERVISE_RUN_ID"] = res.run_id
-        if res.agent:
-            env["SUPERVISE_AGENT"] = res.agent
+        ids = {"SUPERVISE_RUN_ID": res.run_id} | (
+            {"SUPERVISE_AGENT": res.agent} if res.agent else {}
+        )
+        env = build_env(plan.env_inherit, plan.env_set, self.env, ids)
         self.confine = confine = Confinement(plan, self.argv, env)
         for message in confine.warnings:
             print(f"supervise: warning: {message}", file=sys.stderr)
@@ -228,17 +224,12 @@ class Run:
         on_usage = None if hook is None else lambda event: hooks.call("on_usage", hook, event)
         assert confine is not None
         opened = open_rpc(self.plan, self.result, confine.workspace, self.log, self.verdicts,
-                          on_usage, self._spend_lost)  # fmt: skip
+                          on_usage, lambda e: self._fail_closed(e, at_once=False))  # fmt: skip
         if opened is None:
             return ()
         self.backend, self.rpc = opened
         env.update(self.rpc.child_env())
         return (self.rpc.child_fd,)
-
-    def _spend_lost(self, error: SupervisorError) -> None:
-        if self._fail is None:
-            self._fail = error
-            self.stopper.stop(sweep=False)
 
     def _hook_failed(self, name: str, error: BaseException) -> None:
         """A hook raised: say so on stderr and in the audit log; enforcement goes on."""
@@ -246,11 +237,12 @@ class Run:
         print(f"supervise: {message}", file=sys.stderr)
         self.log.log("warning", action="hook_failed", detail=message)
 
-    def _log_failed(self, error: SupervisorError) -> None:
-        """The audit log refused a line: kill the tree now (fail closed)."""
+    def _fail_closed(self, error: SupervisorError, at_once: bool = True) -> None:
+        """supervise cannot go on safely (the audit log refused a line, spend was lost):
+        stop the tree (at once: SIGKILL); the run ends 125."""
         if self._fail is None:
             self._fail = error
-            self.stopper.kill_now()
+            self.stopper.kill_now() if at_once else self.stopper.stop(sweep=False)
 
     # -- the loop ------------------------------------------------------------------
 
@@ -316,6 +308,11 @@ class Run:
         if sig:
             self.stopper.forward(sig)
 
+    def _kernel_kill(self, pid: int, wstatus: int, cpu: float, shown: float = -1) -> None:
+        sigxfsz = self.confine.sigxfsz_limit if self.confine is not None else None
+        ours = signal.SIGKILL in self.stopper.sent
+        self.verdicts.kernel_kill(pid, wstatus, cpu, shown, ours, sigxfsz)
+
     def _on_event(self, child: Child, event: Event) -> bool:
         """Handle one reaper event; True when the tree is empty."""
         if isinstance(event, Done) and self._wstatus is not None:
@@ -327,21 +324,14 @@ class Run:
             u.cpu_time = max(u.cpu_time, event.cpu)
             u.peak_memory = max(u.peak_memory, event.maxrss)
             if os.WIFSIGNALED(event.wstatus):
-                self._on_kernel_kill(child.pid, event.wstatus, event.own_cpu, event.cpu)
+                self._kernel_kill(child.pid, event.wstatus, event.own_cpu, event.cpu)
             if not self.stopper.stopping:  # nothing outlives the run: sweep what is left
                 self.stopper.stop(sweep=True)
         elif isinstance(event, KernelKill):
-            self._on_kernel_kill(event.pid, event.wstatus, event.cpu)
+            self._kernel_kill(event.pid, event.wstatus, event.cpu)
         elif isinstance(event, Signalled):
             self.stopper.signalled(event)
         return False
-
-    def _on_kernel_kill(self, pid: int, wstatus: int, cpu: float, shown: float = -1) -> None:
-        """A process of the tree died: a violation if the kernel enforced a limit on it."""
-        confine, file_size = self.confine, self.plan.max.file_size
-        ours = signal.SIGKILL in self.stopper.sent
-        sigxfsz = confine.sigxfsz_limit if confine else lambda: ("file_size", file_size)
-        self.verdicts.kernel_kill(pid, wstatus, cpu, shown, ours, sigxfsz)
 
     def _violated(self, violation: Violation, kill: bool) -> None:
         """A limit was broken: stop (or warn), log it, tell the hook."""
@@ -370,20 +360,14 @@ class Run:
     # -- the end -------------------------------------------------------------------
 
     def _close(self) -> None:
-        if self.confine is not None:
-            self.confine.close()
-        if self.rpc is not None:
-            self.rpc.close()
-        if self.backend is not None:
-            self.backend.close()
-        if self.child is not None:
-            self.child.release()
+        for part in (self.confine, self.rpc, self.backend, self.child):
+            if part is not None:
+                part.close()  # the child's: the reaper kills what is left, and is reaped
         self.wake.close()
 
     def _finish(self, t0: float) -> RunResult:
         res, stopper = self.result, self.stopper
-        res.usage.wall_time = time.monotonic() - t0
-        res.ended_at = iso_time(time.time())
+        self._stamp_end(t0)
         if self.backend is not None:  # holds still open are charged at their input estimate
             self.log.settled(self.backend)
         self._check_after_exit()
@@ -403,23 +387,21 @@ class Run:
         if confine is not None and confine.watches_storage:
             self.verdicts.judge(confine.poll([], final=True))
             u.storage_bytes, u.files = confine.peak_bytes, confine.peak_files
-        cpu = self.plan.max.cpu_time
-        if cpu is not None and u.cpu_time > cpu and self.result.violation is None:
-            self.verdicts.breach("cpu_time", u.cpu_time, cpu, "tree CPU")
+        self.verdicts.tree_cpu(u.cpu_time)
 
     def _failed(self, error: SupervisorError, t0: float) -> RunResult:
         res = self.result
         fail(res, error)
-        res.usage.wall_time = time.monotonic() - t0
-        res.ended_at = iso_time(time.time())
+        self._stamp_end(t0)
         self.error = error
         if not self._logged_start:
-            try:
-                self.log.log("run_start", detail={"command": self.argv, "error": str(error)})
-            except SupervisorError:
-                pass
+            self.log.failed_start(self.argv, error)
         self._end(res)
         return res
+
+    def _stamp_end(self, t0: float) -> None:
+        self.result.usage.wall_time = time.monotonic() - t0
+        self.result.ended_at = iso_time(time.time())
 
     def _end(self, res: RunResult) -> None:
         """Every hook has run (``on_end`` last), then the ``run_end`` line closes the run."""

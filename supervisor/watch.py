@@ -380,7 +380,7 @@ class Verdicts:
         cpu: float,
         shown: float,
         killed_by_us: bool,
-        sigxfsz: Callable[[], tuple[str, int | None]],
+        sigxfsz: Callable[[], tuple[str, int | None]] | None,
     ) -> None:
         """A process of the tree died: a breach if the kernel enforced a limit on it.
 
@@ -395,5 +395,11 @@ class Verdicts:
         if limit == "cpu_time":
             self.breach(limit, observed, cpu_limit, f"{name}, pid {pid}")
             return
-        limit, value = sigxfsz()
+        limit, value = sigxfsz() if sigxfsz is not None else ("file_size", self.plan.max.file_size)
         self.breach(limit, None, value, f"a write past it, {name}, pid {pid}")
+
+    def tree_cpu(self, used: float) -> None:
+        """The tree's exact CPU total (the reaper's rusage, at the end) against cpu_time."""
+        cpu = self.plan.max.cpu_time
+        if cpu is not None and used > cpu and self.result.violation is None:
+            self.breach("cpu_time", used, cpu, "tree CPU")
