@@ -101,6 +101,14 @@ class RunLog:
             self._on_fail(e)
             raise
 
+    def hook_failed(self, name: str, error: BaseException) -> None:
+        """A hook raised: said on stderr and in the log; enforcement goes on."""
+        import sys
+
+        message = f"the {name} hook raised {type(error).__name__}: {error}"
+        print(f"supervise: {message}", file=sys.stderr)
+        self.log("warning", action="hook_failed", detail=message)
+
     def violation(self, v: Violation, kill: bool) -> None:
         self.log(
             "violation",

@@ -29,6 +29,7 @@ _reaper_cache: str | None = None
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import TypeAlias
 
 # The rlimit each setup step applies, for messages a user can act on.
@@ -250,6 +251,16 @@ class Child:
         if self.reaper_pid > 0:
             _reap(self.reaper_pid)
             self.reaper_pid = 0
+
+
+def argv_words(argv: Sequence[str]) -> list[str]:
+    """``argv`` as a list; a string is refused: nothing splits it for the caller."""
+    if isinstance(argv, (str, bytes)):
+        raise TypeError(
+            f"argv must be a list of words, not a string: {argv!r} would not be split "
+            f'(pass ["sh", "-c", {argv!r}] to run it with a shell, or shlex.split({argv!r}))'
+        )
+    return list(argv)
 
 
 def build_env(

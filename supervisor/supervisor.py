@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from . import _stop
+from . import _stop, spawn, watch
 from ._confine import Confinement
 from ._hooks import HookRunner, call_quietly
 from ._plan import RunPlan
@@ -25,16 +25,6 @@ from ._run_log import RunLog, open_audit
 from .errors import SupervisorError
 from .limits import helper_words, nproc_evidence
 from .result import RunResult, conclude, fail, iso_time
-from .spawn import Done, Exited, KernelKill, Signalled, build_env, prebuild_reaper, spawn
-from .watch import (
-    TreeSampler,
-    Verdicts,
-    current,
-    fold_sample,
-    next_interval,
-    sample_checks,
-    step_check,
-)
 
 # typing costs ~5 ms to import; mypy honours any constant named TYPE_CHECKING.
 TYPE_CHECKING = False
@@ -49,15 +39,6 @@ if TYPE_CHECKING:
     from .spawn import Child, Event
 
     Std = int | IO[Any] | None  # an fd, or a file object with fileno(); None: inherited
-
-
-def _words(argv: Sequence[str]) -> list[str]:
-    if isinstance(argv, (str, bytes)):
-        raise TypeError(
-            f"argv must be a list of words, not a string: {argv!r} would not be split "
-            f'(pass ["sh", "-c", {argv!r}] to run it with a shell, or shlex.split({argv!r}))'
-        )
-    return list(argv)
 
 
 class Supervisor:
@@ -92,7 +73,7 @@ class Supervisor:
 
         ``argv`` is a list of words (a string is refused: nothing splits it for you).
         """
-        return Run(self, _words(argv), agent, session, env, cwd, (stdin, stdout, stderr))
+        return Run(self, spawn.argv_words(argv), agent, session, env, cwd, (stdin, stdout, stderr))
 
     def run(self, argv: Sequence[str], *, agent: str | None = None, session: str | None = None,
             env: dict[str, str] | None = None, cwd: str | None = None, stdin: Std = None,
@@ -136,7 +117,7 @@ class Run:
         self.stopper = _stop.Stopper(self.plan.grace, self._before_term)
         self._wstatus: int | None = None
         self._reaper_cpu = 0.0
-        self.verdicts = Verdicts(self.plan, self.result, self._violated, self._warned)
+        self.verdicts = watch.Verdicts(self.plan, self.result, self._violated, self._warned)
         # Called after each tree sample with (usage, current values): --live uses it.
         self.on_sample: Callable[[Usage, dict[str, float]], object] | None = None
         self.error: SupervisorError | None = None
@@ -145,7 +126,7 @@ class Run:
         self.rpc: RpcServer | None = None
         self.backend: RunBackend | None = None
         self.log = RunLog(None, self.result, self._fail_closed)
-        self.hooks = HookRunner(self._hook_failed)
+        self.hooks = HookRunner(self.log.hook_failed)
 
     def interrupt(self, sig: int) -> None:
         """Forward ``sig`` to the tree and stop it after ``grace`` (async-signal-safe)."""
@@ -156,7 +137,7 @@ class Run:
 
     def execute(self) -> RunResult:
         """Run to the end (blocking) and return the RunResult."""
-        prebuild_reaper()  # a first run may build the helper: not on the child's clock
+        spawn.prebuild_reaper()  # a first run may build the helper: not on the child's clock
         t0 = time.monotonic()
         self.result.started_at = iso_time(time.time())
         self.wake.open()
@@ -200,7 +181,7 @@ class Run:
         ids = {"SUPERVISE_RUN_ID": res.run_id} | (
             {"SUPERVISE_AGENT": res.agent} if res.agent else {}
         )
-        env = build_env(plan.env_inherit, plan.env_set, self.env, ids)
+        env = spawn.build_env(plan.env_inherit, plan.env_set, self.env, ids)
         self.confine = confine = Confinement(plan, self.argv, env)
         for message in confine.warnings:
             print(f"supervise: warning: {message}", file=sys.stderr)
@@ -212,7 +193,7 @@ class Run:
             argv = [os.path.abspath(argv[0]), *argv[1:]]
         stdin, stdout, stderr = self.std
         cwd = self.cwd if self.cwd is not None or ws is None else ws.path
-        self.child = spawn(argv, rlimits=words, env=env, pass_fds=pass_fds, cwd=cwd,
+        self.child = spawn.spawn(argv, rlimits=words, env=env, pass_fds=pass_fds, cwd=cwd,
                            stdin=stdin, stdout=stdout, stderr=stderr)  # fmt: skip
         self.stopper.attach(self.child)
         return self.child, rlimits
@@ -231,12 +212,6 @@ class Run:
         env.update(self.rpc.child_env())
         return (self.rpc.child_fd,)
 
-    def _hook_failed(self, name: str, error: BaseException) -> None:
-        """A hook raised: say so on stderr and in the audit log; enforcement goes on."""
-        message = f"the {name} hook raised {type(error).__name__}: {error}"
-        print(f"supervise: {message}", file=sys.stderr)
-        self.log.log("warning", action="hook_failed", detail=message)
-
     def _fail_closed(self, error: SupervisorError, at_once: bool = True) -> None:
         """supervise cannot go on safely (the audit log refused a line, spend was lost):
         stop the tree (at once: SIGKILL); the run ends 125."""
@@ -250,7 +225,7 @@ class Run:
         lim, stopper, confine, backend = self.plan.max, self.stopper, self.confine, self.backend
         assert confine is not None
         wall_at = t0 + lim.wall_time if lim.wall_time is not None else None
-        sampler, prev = TreeSampler(child.reaper_pid), None
+        sampler, prev = watch.TreeSampler(child.reaper_pid), None
         sample_at = t0 + 0.01  # the first sample waits: a command over in 10 ms costs nothing
         poller = select.poll()
         storage_fd, rpc_fd = confine.fileno(), self.rpc.fileno() if self.rpc else -1
@@ -267,21 +242,21 @@ class Run:
                 continue
             if now >= sample_at:
                 cur = sampler.sample(now)
-                checks = sample_checks(lim, cur, now - t0)
-                fold_sample(self.result.usage, cur)
+                checks = watch.sample_checks(lim, cur, now - t0)
+                watch.fold_sample(self.result.usage, cur)
                 self.verdicts.judge(checks)
                 if storage_fd >= 0:
                     self.verdicts.judge(confine.periodic(cur.pids, now))
                 if self.on_sample is not None:
-                    gauges = current(cur, checks, now - t0)
+                    gauges = watch.current(cur, checks, now - t0)
                     if confine.watches_storage:
                         gauges["storage"], gauges["files"] = confine.storage_used()
                     call_quietly(self.on_sample, self.result.usage, gauges)
                 watched = [(name, used, limit) for name, used, limit, _ in checks]
-                sample_at, prev = now + next_interval(prev, cur, watched), cur
+                sample_at, prev = now + watch.next_interval(prev, cur, watched), cur
                 continue
             step = backend.step_deadline() if backend is not None else None
-            over = step_check(lim.step_time, step, now)
+            over = watch.step_check(lim.step_time, step, now)
             if over is not None and backend is not None and step is not None:
                 backend.expire_step(step[1])
                 self.verdicts.breach(*over)
@@ -315,11 +290,11 @@ class Run:
 
     def _on_event(self, child: Child, event: Event) -> bool:
         """Handle one reaper event; True when the tree is empty."""
-        if isinstance(event, Done) and self._wstatus is not None:
+        if isinstance(event, spawn.Done) and self._wstatus is not None:
             self._reaper_cpu = event.own_cpu
             return True
         u = self.result.usage
-        if isinstance(event, Exited) and self._wstatus is None and event.pid == child.pid:
+        if isinstance(event, spawn.Exited) and self._wstatus is None and event.pid == child.pid:
             self._wstatus = event.wstatus
             u.cpu_time = max(u.cpu_time, event.cpu)
             u.peak_memory = max(u.peak_memory, event.maxrss)
@@ -327,9 +302,9 @@ class Run:
                 self._kernel_kill(child.pid, event.wstatus, event.own_cpu, event.cpu)
             if not self.stopper.stopping:  # nothing outlives the run: sweep what is left
                 self.stopper.stop(sweep=True)
-        elif isinstance(event, KernelKill):
+        elif isinstance(event, spawn.KernelKill):
             self._kernel_kill(event.pid, event.wstatus, event.cpu)
-        elif isinstance(event, Signalled):
+        elif isinstance(event, spawn.Signalled):
             self.stopper.signalled(event)
         return False
 
