@@ -102,22 +102,6 @@ def _stat(pid: int) -> tuple[int, float, float, int] | None:
     return int(fields[21]) * PAGE, own, reaped, int(fields[17])
 
 
-def _session_members(sid: int) -> list[int]:
-    """Every process of session ``sid``, by a scan of all of /proc (for rare paths only)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            data = _read(f"/proc/{entry}/stat")
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2 :].split()
-        if int(fields[3]) == sid:  # field 6: session
-            out.append(int(entry))
-    return out
-
-
 def _fd_count(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
