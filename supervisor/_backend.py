@@ -18,14 +18,24 @@ import time
 from decimal import Decimal
 from typing import Any, Protocol
 
-from .errors import BudgetError, BudgetExceeded, StoreUnavailable, UnknownReservation
+from .errors import (
+    BudgetError,
+    BudgetExceeded,
+    StoreUnavailable,
+    SupervisorError,
+    UnknownReservation,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .budget.ledger import Alert, Charge, Ledger
-    from .result import Usage
+    from ._plan import RunPlan
+    from ._run_log import RunLog
+    from .budget.ledger import Alert, Charge, Ledger, Settled
+    from .result import RunResult, Usage
+    from .rpc import RpcServer
+    from .watch import Verdicts
     from .workspace import Workspace
 
 
@@ -40,6 +50,69 @@ class RunEvents(Protocol):
     def budget_alert(self, alert: Alert) -> None: ...
     def usage_changed(self, call: dict[str, Any]) -> None: ...
     def spend_lost(self, error: StoreUnavailable, call: dict[str, Any]) -> None: ...
+
+
+# RunEvents is the whole of what a backend may tell its run: it never calls into it.
+
+
+class BudgetEvents:
+    """``RunEvents`` for a supervised run: a denial goes to the audit log, a breach or an
+    alert to the run's verdicts, usage to the ``on_usage`` hook, and lost spend to the
+    log and ``on_lost`` (the run stops the tree: fail closed)."""
+
+    def __init__(
+        self,
+        result: RunResult,
+        verdicts: Verdicts,
+        log: RunLog,
+        on_usage: Callable[[dict[str, Any]], None] | None,
+        on_lost: Callable[[SupervisorError], None],
+    ) -> None:
+        self.result, self.verdicts, self.log = result, verdicts, log
+        self.on_usage, self.on_lost = on_usage, on_lost
+
+    def budget_denied(self, error: BudgetError | StoreUnavailable) -> None:
+        self.log.denied(error)
+
+    def budget_breached(self, error: BudgetExceeded) -> None:
+        how = f"{error.scope} {error.key}, spend recorded"
+        self.verdicts.breach(error.limit, _num(error.used), _num(error.limit_value), how)
+
+    def budget_alert(self, alert: Alert) -> None:
+        used, value = _num(alert.used), _num(alert.limit_value)
+        self.verdicts.alert(alert.limit, used, value, (alert.threshold,), alert.scope)
+
+    def usage_changed(self, call: dict[str, Any]) -> None:
+        """A call was settled: ``on_usage`` gets it with the run's running totals."""
+        if self.on_usage is None:
+            return
+        u, res = self.result.usage, self.result
+        totals = {
+            "api_calls": u.api_calls,
+            "input_tokens": u.input_tokens,
+            "output_tokens": u.output_tokens,
+            "usd": u.usd,
+        }
+        self.on_usage({"run_id": res.run_id, "agent": res.agent, **call, "totals": totals})
+
+    def spend_lost(self, error: StoreUnavailable, call: dict[str, Any]) -> None:
+        """Spend that happened could not be written to the ledger (the store failed): the
+        call goes to the audit log so it is not lost, and the run stops (fail closed)."""
+        detail = {k: float(v) if isinstance(v, Decimal) else v for k, v in call.items()}
+        self.log.log(
+            "unsettled", action="failed", limit="usd", detail={**detail, "error": str(error)}
+        )
+        self.on_lost(
+            SupervisorError(
+                f"spend that happened could not be written to the budget ledger ({error}); "
+                "the command was stopped (fail closed)"
+            )
+        )
+
+
+def _num(value: object) -> float | int:
+    """An exact int stays one; a Decimal (money) becomes a float for messages and the log."""
+    return value if isinstance(value, int) else float(value)  # type: ignore[arg-type]  # Decimal
 
 
 class RunBackend:
@@ -219,6 +292,19 @@ class RunBackend:
             )
         return settled
 
+    @property
+    def has_ledger(self) -> bool:
+        return self.ledger is not None
+
+    def unclaim(self) -> None:
+        """The run is over: its live-run note in the store goes (see ``Ledger.claim``)."""
+        if self.ledger is not None:
+            self.ledger.unclaim()
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+
     # -- the workspace and the steps ------------------------------------------------------
 
     def check_write(self, path: str, size: int) -> dict[str, Any]:
@@ -241,12 +327,72 @@ class RunBackend:
             raise ValueError(f"no step {name!r} has begun (call step_begin first)")
         return {"elapsed": round(time.monotonic() - began, 6)}
 
+    def expire_step(self, name: str) -> None:
+        """The step broke step_time: it is over (the run reports the violation)."""
+        self.steps.pop(name, None)
+
     def step_deadline(self) -> tuple[float, str] | None:
         """When the oldest open step breaks step_time, and its name."""
         if self.step_time is None or not self.steps:
             return None
         name, began = min(self.steps.items(), key=lambda item: item[1])
         return began + self.step_time, name
+
+
+def open_rpc(
+    plan: RunPlan,
+    result: RunResult,
+    workspace: Workspace | None,
+    log: RunLog,
+    verdicts: Verdicts,
+    on_usage: Callable[[dict[str, Any]], None] | None,
+    on_lost: Callable[[SupervisorError], None],
+) -> tuple[RunBackend, RpcServer] | None:
+    """The budget RPC of a run, when the policy has something to ask it for (a budget, a
+    workspace's check_write, steps); None when it has not.  The ledger opens here, so an
+    unreachable store fails the run (125) before the command starts; holds of runs whose
+    supervisor died are settled and logged."""
+    if plan.budget is None and plan.workspace is None and plan.max.step_time is None:
+        return None
+    from .rpc import RpcServer
+
+    ledger = None
+    if plan.budget is not None:
+        agent = result.agent or "default"
+        ledger, recovered = open_ledger(
+            plan.budget, run_id=result.run_id, agent=agent, session=result.session
+        )
+        for dead_run, s in recovered:
+            log.recovered(dead_run, agent, s)
+    events = BudgetEvents(result, verdicts, log, on_usage, on_lost)
+    backend = RunBackend(events, result.usage, ledger, workspace, plan.max.step_time)
+
+    def rpc_error(code: int, message: str, excerpt: str) -> None:
+        detail = {"code": code, "message": message, "excerpt": excerpt[:200]}
+        log.log("rpc_error", action="reply", detail=detail)
+
+    rpc = RpcServer(backend, run_id=result.run_id, agent=result.agent or "", on_error=rpc_error)
+    return backend, rpc
+
+
+def open_ledger(
+    budget: dict[str, Any], *, run_id: str, agent: str, session: str | None
+) -> tuple[Ledger, list[tuple[str, Settled]]]:
+    """The run's ledger, claimed for this run, and the holds it settled of runs whose
+    supervisor died (SIGKILL...), with those runs' ids.  An unreachable store raises
+    here, before the command starts (the run fails, 125)."""
+    from .budget._policy import BudgetPolicy
+    from .budget.ledger import Ledger
+
+    ledger = Ledger.open(
+        BudgetPolicy.model_validate(budget), run_id=run_id, agent=agent, session=session
+    )
+    try:
+        recovered = ledger.claim()
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger, recovered
 
 
 def _int(value: object) -> int:

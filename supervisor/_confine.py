@@ -37,6 +37,7 @@ import os
 import resource
 
 from .errors import WorkspaceError
+from .limits import IPC_WORDS, cgroup_words, fsize_words, network_words, task_cap
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class Confinement:
             self._setup_network()
         self._setup_fsize(kills)
         self._setup_tasks()
-        self.words.append("ipcns=1")
+        self.words += IPC_WORDS
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -129,21 +130,14 @@ class Confinement:
             )
 
     def _setup_network(self) -> None:
-        from .workspace import NET_BIND_TCP, NET_CONNECT_TCP
-
-        if self._abi is not None and self._abi >= 4:
-            # A namespace first (no network at all); Landlock's TCP rules if it is refused.
-            self.words += ["netns=2", f"lnetfb={NET_BIND_TCP | NET_CONNECT_TCP:#x}"]
-        else:
-            self.words.append("netns=1")
+        self.words += network_words(self._abi)
 
     def _setup_fsize(self, kills: bool) -> None:
         """RLIMIT_FSIZE from limits.file_size and, when they kill, the workspace caps."""
-        caps = [self.plan.limit("file_size")] if kills else []
         spec = self.plan.workspace or {}
-        if kills and spec.get("max_file_size") is not None:
-            caps.append(spec["max_file_size"] + 1)
-        caps = [int(c) for c in caps if c is not None]
+        mfs = spec.get("max_file_size")
+        given = [self.plan.max.file_size, None if mfs is None else mfs + 1] if kills else []
+        caps = [int(c) for c in given if c is not None]
         quota = kills and spec.get("quota") is not None and self.tracker is not None
         if not caps and not quota:
             return
@@ -152,8 +146,8 @@ class Confinement:
 
     def _setup_tasks(self) -> None:
         """A pids cgroup capping the tree's tasks where RLIMIT_NPROC in a user namespace
-        does not (supervise's _process_cap): root, or no user namespaces."""
-        processes = self.plan.limit("processes")
+        does not (``limits.nproc_cap``): root, or no user namespaces."""
+        processes = self.plan.max.processes
         if processes is None:
             return
         from ._linux import pids_cgroup, userns_available
@@ -164,7 +158,7 @@ class Confinement:
         if parent is None:
             return
         path = os.path.join(parent, f"supervise-{os.getpid()}-{os.urandom(4).hex()}")
-        self._tasks_cap = max(16 * int(processes), 256)  # the same cap as RLIMIT_NPROC's
+        self._tasks_cap = task_cap(processes)  # the same cap as RLIMIT_NPROC's
         try:
             os.mkdir(path)
             with open(os.path.join(path, "pids.max"), "w") as f:
@@ -173,7 +167,7 @@ class Confinement:
             self._remove_cgroup(path)
             return
         self.cgroup = path
-        self.words.append(f"cgroup={path}")
+        self.words += cgroup_words(path)
 
     @staticmethod
     def _remove_cgroup(path: str) -> None:
@@ -183,10 +177,8 @@ class Confinement:
             pass  # gone already (the reaper removes it), or never made
 
     def fsize_words(self) -> list[str]:
-        """The reaper's RLIMIT_FSIZE word (soft:hard; -1 is unlimited), if any."""
-        if self._fsize_hard is None:
-            return []
-        return [f"fsize={self._fsize_soft}:{self._fsize_hard}"]
+        """The reaper's RLIMIT_FSIZE word for the caps computed here, if any."""
+        return fsize_words(self._fsize_soft, self._fsize_hard)
 
     def _quota_cap(self) -> int | None:
         """The soft RLIMIT_FSIZE the quota allows now (never above the hard one).
@@ -386,7 +378,7 @@ class Confinement:
     def sigxfsz_limit(self) -> tuple[str, int | None]:
         """The limit a SIGXFSZ in the tree stands for now, and its value."""
         spec = self.plan.workspace or {}
-        file_size = self.plan.limit("file_size")
+        file_size = self.plan.max.file_size
         soft, hard = self._fsize_soft, self._fsize_hard
         if hard == resource.RLIM_INFINITY:
             hard = None
@@ -396,6 +388,17 @@ class Confinement:
         if mfs is not None and (file_size is None or mfs + 1 <= file_size):
             return "max_file_size", mfs
         return "file_size", file_size
+
+    @property
+    def watches_storage(self) -> bool:
+        """Whether the workspace has quota limits this run watches."""
+        return self.tracker is not None
+
+    def storage_used(self) -> tuple[int, int]:
+        """(bytes, files) the workspace holds now; (0, 0) without a quota watch."""
+        if self.tracker is None:
+            return 0, 0
+        return self.tracker.totals()  # two counters: no lock, the guard may hold it a while
 
     def enforced(self) -> dict[str, Any]:
         """What run_start records."""

@@ -19,9 +19,22 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-__all__ = ["HookRunner"]
+__all__ = ["HookRunner", "call_quietly"]
 
 _STOP = object()
+
+
+def call_quietly(hook: Callable[..., object] | None, *args: object) -> None:
+    """Run a hook on this thread; one that raises is reported on stderr, never raised
+    (``Run.on_sample``, for ``--live``: it must never break enforcement)."""
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception as e:
+        import sys
+
+        print(f"supervise: a hook raised {type(e).__name__}: {e}", file=sys.stderr)
 
 
 class HookRunner:

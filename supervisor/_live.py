@@ -20,10 +20,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._plan import RunPlan
+    from ._plan import LimitName, RunPlan
     from .result import Usage
 
-_GAUGES = (
+_GAUGES: tuple[tuple[LimitName, str], ...] = (
     ("wall_time", "wall_time"),
     ("cpu_time", "cpu_time"),
     ("memory", "peak_memory"),
@@ -66,7 +66,7 @@ class LiveGauges:
         table.add_column(justify="right")
         table.add_column(width=30)
         table.add_column()
-        gauges = [(limit, self.plan.limit(limit)) for limit, _peak in _GAUGES]
+        gauges: list[tuple[str, Any]] = [(lim, self.plan.max.get(lim)) for lim, _peak in _GAUGES]
         ws = self.plan.workspace
         if ws is not None:
             gauges += [("storage", ws.get("quota")), ("files", ws.get("max_files"))]

@@ -10,22 +10,73 @@ cache, keyed by the SHA-256 of the file's bytes, the ``--set`` items and this ve
 from __future__ import annotations
 
 import json
-import math
 import os
 
 # typing costs ~5 ms to import; mypy honours any constant named TYPE_CHECKING.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Literal
 
-if TYPE_CHECKING:
     from .policy import Policy
+
+    # Every name a limit may have: ``plan.max.get("wal_time")`` is a type error.
+    LimitName = Literal[
+        "wall_time",
+        "cpu_time",
+        "step_time",
+        "memory",
+        "address_space",
+        "file_size",
+        "open_files",
+        "processes",
+    ]
 
 _FORMAT = 4  # bump when the shape of Policy.to_dict(), or what validates, changes
 
 
+class Limits:
+    """The run's limits as typed attributes (None: not limited); ``plan.max.wall_time``.
+
+    A misspelt attribute is an AttributeError at run time and a mypy error before: unlike
+    a dict lookup, a typo can never read as "no limit".
+    """
+
+    __slots__ = (
+        "address_space",
+        "cpu_time",
+        "file_size",
+        "memory",
+        "open_files",
+        "processes",
+        "step_time",
+        "wall_time",
+    )
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        # As validated (no conversion: the audit log records the values as the policy has
+        # them, 5 stays 5); durations are seconds, sizes bytes.
+        self.wall_time: float | None = data.get("wall_time")
+        self.cpu_time: float | None = data.get("cpu_time")
+        self.step_time: float | None = data.get("step_time")
+        self.memory: int | None = data.get("memory")
+        self.address_space: int | None = data.get("address_space")
+        self.file_size: int | None = data.get("file_size")
+        self.open_files: int | None = data.get("open_files")
+        self.processes: int | None = data.get("processes")
+
+    def get(self, name: LimitName) -> float | int | None:
+        """A limit by name, for code that loops over several (the name is Literal-typed)."""
+        value: float | int | None = getattr(self, name)
+        return value
+
+
 class RunPlan:
-    """The effective policy of a run, as plain values (seconds, bytes, counts)."""
+    """The effective policy of a run, as plain values (seconds, bytes, counts).
+
+    ``max`` holds the limits, typed; ``limits`` is the same as the policy wrote it (a dict,
+    for display: ``supervise``'s summary line).  ``policy`` is the whole validated policy
+    as JSON data, what the plan cache stores.
+    """
 
     __slots__ = (
         "agent",
@@ -37,6 +88,7 @@ class RunPlan:
         "env_set",
         "grace",
         "limits",
+        "max",
         "name",
         "network",
         "on_violation",
@@ -51,6 +103,7 @@ class RunPlan:
         self.name: str = data.get("name") or "unnamed"
         self.agent: str | None = data.get("agent")
         self.limits: dict[str, Any] = dict(data.get("limits") or {})
+        self.max = Limits(self.limits)
         self.on_violation: str = data.get("on_violation", "kill")
         self.grace: float = float(data.get("grace", 2.0))
         env = data.get("env") or {}
@@ -68,28 +121,16 @@ class RunPlan:
     def from_policy(cls, policy: Policy) -> RunPlan:
         return cls(policy.to_dict(), policy.sha256())
 
-    def limit(self, name: str) -> Any:
-        return self.limits.get(name)
+    @property
+    def kills(self) -> bool:
+        """Whether a breach stops the tree (``on_violation: kill``), or only warns."""
+        return self.on_violation == "kill"
 
     def rlimit_words(self) -> list[str]:
-        """The reaper's words for the kernel rlimits of this plan.
+        """``limits.rlimit_words(self)``; kept for callers of the old name (test_fuzz)."""
+        from .limits import rlimit_words
 
-        RLIMIT_CPU gets hard = soft + 1 s, so SIGXCPU (a named cause) comes before the
-        kernel's SIGKILL.  Under ``on_violation: warn`` nothing may be killed, so the two
-        rlimits whose breach kills (CPU, FSIZE) are left to the watcher.  RLIMIT_FSIZE is
-        not here: it also caps the workspace, so ``_confine.Confinement`` words it.
-        """
-        words = []
-        kills = self.on_violation == "kill"
-        cpu = self.limits.get("cpu_time")
-        if cpu is not None and kills:
-            soft = max(1, math.ceil(cpu))
-            words.append(f"cpu={soft}:{soft + 1}")
-        if self.limits.get("address_space") is not None:
-            words.append(f"as={int(self.limits['address_space'])}")
-        if self.limits.get("open_files") is not None:
-            words.append(f"nofile={int(self.limits['open_files'])}")
-        return words
+        return rlimit_words(self)
 
 
 def _default_policy_bytes() -> bytes:

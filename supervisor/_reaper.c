@@ -27,8 +27,9 @@
  *   - when the supervisor dies (pidfd of the parent readable, or EOF on the control
  *     fd) it SIGKILLs the whole tree, so nothing outlives supervise, even a SIGKILLed one.
  *
- * Arguments: key=value words, then "--", then the command:
- *   status=FD ctl=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N[:HARD]] [nofile=N] [oom=N]
+ * Arguments: key=value words, then "--", then the command (fd=FD is one socket for
+ * both directions; status=FD ctl=FD name two one-way fds instead, e.g. two pipes):
+ *   fd=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N[:HARD]] [nofile=N] [oom=N]
  *   [nproc=N] [scope=1] [lfs=MASK] [lnet=MASK] [rule=MASK:PATH]... [netns=1|2]
  *   [ipcns=1] [cgroup=DIR] [cwd=DIR] [pass=FD]... -- argv...
  *
@@ -474,50 +475,65 @@ static void join_cgroup(const char *dir) {
     write_file(path, pid);
 }
 
-int main(int argc, char **argv) {
-    pid_t ppid = 0;
-    long long cpu_hard = -1, as = -1, fsize = -1, nofile = -1, nproc = -1, oom = -1000000;
-    long long fsize_hard = -1;
-    unsigned long long lfs = 0, lnet = 0, lnetfb = 0;
-    int scope = 0, netns = 0, ipcns = 0, nrules = 0;
+/* What the arguments ask for (see the top of this file). */
+struct opts {
+    pid_t ppid;
+    long long cpu_hard, as, fsize, fsize_hard, nofile, nproc, oom;
+    unsigned long long lfs, lnet, lnetfb;
+    int scope, netns, ipcns, nrules, npass;
     const char *rules[MAX_RULES];
-    const char *cwd = NULL, *cgroup = NULL;
-    int pass[MAX_PASS], npass = 0, i;
+    const char *cwd, *cgroup;
+    int pass[MAX_PASS];
+    char **cmd;
+};
+
+/* Step 1: the key=value words, then "--", then the command.  0, or 125 on a bad word. */
+static int parse_args(int argc, char **argv, struct opts *o) {
+    int i;
+    memset(o, 0, sizeof *o);
+    o->cpu_hard = o->as = o->fsize = o->fsize_hard = o->nofile = o->nproc = -1;
+    o->oom = -1000000;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
         char *a = argv[i];
-        if (!strncmp(a, "status=", 7)) status_fd = atoi(a + 7);
+        if (!strncmp(a, "fd=", 3)) status_fd = ctl_fd = atoi(a + 3);
+        else if (!strncmp(a, "status=", 7)) status_fd = atoi(a + 7);
         else if (!strncmp(a, "ctl=", 4)) ctl_fd = atoi(a + 4);
-        else if (!strncmp(a, "ppid=", 5)) ppid = (pid_t)atoi(a + 5);
-        else if (!strncmp(a, "cpu=", 4)) sscanf(a + 4, "%lld:%lld", &cpu_soft, &cpu_hard);
-        else if (!strncmp(a, "as=", 3)) as = atoll(a + 3);
+        else if (!strncmp(a, "ppid=", 5)) o->ppid = (pid_t)atoi(a + 5);
+        else if (!strncmp(a, "cpu=", 4)) sscanf(a + 4, "%lld:%lld", &cpu_soft, &o->cpu_hard);
+        else if (!strncmp(a, "as=", 3)) o->as = atoll(a + 3);
         else if (!strncmp(a, "fsize=", 6)) {
-            if (sscanf(a + 6, "%lld:%lld", &fsize, &fsize_hard) < 2) fsize_hard = fsize;
+            if (sscanf(a + 6, "%lld:%lld", &o->fsize, &o->fsize_hard) < 2) o->fsize_hard = o->fsize;
         }
-        else if (!strncmp(a, "lfs=", 4)) lfs = strtoull(a + 4, NULL, 0);
-        else if (!strncmp(a, "lnet=", 5)) lnet = strtoull(a + 5, NULL, 0);
-        else if (!strncmp(a, "lnetfb=", 7)) lnetfb = strtoull(a + 7, NULL, 0);
-        else if (!strncmp(a, "rule=", 5) && nrules < MAX_RULES && strchr(a, ':')) rules[nrules++] = a + 5;
-        else if (!strncmp(a, "netns=", 6)) netns = atoi(a + 6);
-        else if (!strncmp(a, "ipcns=", 6)) ipcns = atoi(a + 6);
-        else if (!strncmp(a, "cgroup=", 7)) cgroup = a + 7;
-        else if (!strncmp(a, "nofile=", 7)) nofile = atoll(a + 7);
-        else if (!strncmp(a, "oom=", 4)) oom = atoll(a + 4);
-        else if (!strncmp(a, "nproc=", 6)) nproc = atoll(a + 6);
-        else if (!strncmp(a, "scope=", 6)) scope = atoi(a + 6);
-        else if (!strncmp(a, "cwd=", 4)) cwd = a + 4;
-        else if (!strncmp(a, "pass=", 5) && npass < MAX_PASS) pass[npass++] = atoi(a + 5);
+        else if (!strncmp(a, "lfs=", 4)) o->lfs = strtoull(a + 4, NULL, 0);
+        else if (!strncmp(a, "lnet=", 5)) o->lnet = strtoull(a + 5, NULL, 0);
+        else if (!strncmp(a, "lnetfb=", 7)) o->lnetfb = strtoull(a + 7, NULL, 0);
+        else if (!strncmp(a, "rule=", 5) && o->nrules < MAX_RULES && strchr(a, ':'))
+            o->rules[o->nrules++] = a + 5;
+        else if (!strncmp(a, "netns=", 6)) o->netns = atoi(a + 6);
+        else if (!strncmp(a, "ipcns=", 6)) o->ipcns = atoi(a + 6);
+        else if (!strncmp(a, "cgroup=", 7)) o->cgroup = a + 7;
+        else if (!strncmp(a, "nofile=", 7)) o->nofile = atoll(a + 7);
+        else if (!strncmp(a, "oom=", 4)) o->oom = atoll(a + 4);
+        else if (!strncmp(a, "nproc=", 6)) o->nproc = atoll(a + 6);
+        else if (!strncmp(a, "scope=", 6)) o->scope = atoi(a + 6);
+        else if (!strncmp(a, "cwd=", 4)) o->cwd = a + 4;
+        else if (!strncmp(a, "pass=", 5) && o->npass < MAX_PASS) o->pass[o->npass++] = atoi(a + 5);
         else {
             fprintf(stderr, "supervise reaper: unknown argument %s\n", a);
             return 125;
         }
     }
-    if (i >= argc - 1 || status_fd < 0 || ctl_fd < 0 || ppid <= 0) {
-        fprintf(stderr, "supervise reaper: usage: status=FD ctl=FD ppid=PID ... -- command\n");
+    if (i >= argc - 1 || status_fd < 0 || ctl_fd < 0 || o->ppid <= 0) {
+        fprintf(stderr, "supervise reaper: usage: fd=FD ppid=PID ... -- command\n");
         return 125;
     }
-    char **cmd = argv + i + 1;
+    o->cmd = argv + i + 1;
+    return 0;
+}
 
-    /* Nothing of the parent's leaks to the command: every fd >= 3 closes on exec. */
+/* Step 2: nothing of the parent's leaks to the command: every fd >= 3 closes on exec,
+ * but the pass= fds. */
+static void close_inherited_fds(const struct opts *o) {
     if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) != 0) {
         DIR *d = opendir("/proc/self/fd");
         struct dirent *e;
@@ -527,11 +543,16 @@ int main(int argc, char **argv) {
         }
         if (d) closedir(d);
     }
-    for (int k = 0; k < npass; k++) fcntl(pass[k], F_SETFD, 0);
+    for (int k = 0; k < o->npass; k++) fcntl(o->pass[k], F_SETFD, 0);
+}
 
-    if (scope) { /* signal scoping needs Landlock ABI >= 6; below that the tree is unscoped */
+/* Step 3: become the tree's reaper: a subreaper and session leader that cannot be
+ * ptraced, watching the supervisor through a pidfd.  Returns the pidfd (-1: none), or
+ * -2 when the supervisor died before we started. */
+static int become_reaper(struct opts *o) {
+    if (o->scope) { /* signal scoping needs Landlock ABI >= 6; below that the tree is unscoped */
         long abi = syscall(SYS_landlock_create_ruleset, NULL, 0, 1UL /* VERSION */);
-        if (abi < 6) scope = 0;
+        if (abi < 6) o->scope = 0;
     }
     signal(SIGPIPE, SIG_IGN);
     /* An embedding program that ignores SIGCHLD passes SIG_IGN on: the kernel would then
@@ -539,150 +560,156 @@ int main(int argc, char **argv) {
     signal(SIGCHLD, SIG_DFL);
     /* Not dumpable: the tree (same uid) cannot ptrace us or open our /proc/PID/fd. */
     prctl(PR_SET_DUMPABLE, 0);
-    int parent_fd = (int)syscall(SYS_pidfd_open, ppid, 0);
-    if (getppid() != ppid) return 125; /* the supervisor died before we started */
+    int parent_fd = (int)syscall(SYS_pidfd_open, o->ppid, 0);
+    if (getppid() != o->ppid) return -2; /* the supervisor died before we started */
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     setsid();
+    return parent_fd;
+}
 
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGCHLD);
-    sigprocmask(SIG_BLOCK, &mask, NULL);
-    int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+/* In the command: the rlimits (and a raised oom_score_adj). */
+static void apply_rlimits(const struct opts *o, int errfd) {
+    if (o->oom > -1000000) {
+        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            char b[32];
+            int n = snprintf(b, sizeof b, "%lld", o->oom);
+            if (write(fd, b, n) < 0) { /* raising needs no privilege; /proc may be absent */ }
+            close(fd);
+        }
+    }
+    struct rlimit rl;
+    if (cpu_soft >= 0) {
+        rl.rlim_cur = cpu_soft;
+        rl.rlim_max = o->cpu_hard;
+        if (setrlimit(RLIMIT_CPU, &rl) != 0) fail_child(errfd, "rlimit_cpu");
+    }
+    if (o->as >= 0) {
+        rl.rlim_cur = rl.rlim_max = o->as;
+        if (setrlimit(RLIMIT_AS, &rl) != 0) fail_child(errfd, "rlimit_as");
+    }
+    if (o->fsize >= 0) {
+        rl.rlim_cur = o->fsize;
+        rl.rlim_max = o->fsize_hard;
+        if (setrlimit(RLIMIT_FSIZE, &rl) != 0) fail_child(errfd, "rlimit_fsize");
+    }
+    if (o->nofile >= 0) {
+        rl.rlim_cur = rl.rlim_max = o->nofile;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) fail_child(errfd, "rlimit_nofile");
+    }
+}
 
-    int errpipe[2];
-    if (pipe2(errpipe, O_CLOEXEC) != 0) {
-        say("E pipe %d\n", errno);
-        return 125;
+/* In the command: the user namespace (RLIMIT_NPROC counted per namespace), the network
+ * and IPC namespaces.  Sets *lnet to the Landlock TCP fallback when netns=2 needs it. */
+static void enter_namespaces(const struct opts *o, int errfd, unsigned long long *lnet) {
+    struct rlimit rl;
+    /* Where user namespaces are refused (sysctl, LSM), the watcher alone counts
+     * processes; the supervisor sees which from /proc/PID/ns/user. */
+    uid_t uid = getuid(); /* before unshare: inside, unmapped ids read as 65534 */
+    gid_t gid = getgid();
+    int in_userns = 0;
+    if (o->nproc >= 0 && unshare(CLONE_NEWUSER) == 0) {
+        /* unshare succeeded; now map the ids (a failure here is fatal: unmapped ids) */
+        char map[64];
+        write_file("/proc/self/setgroups", "deny");
+        snprintf(map, sizeof map, "%u %u 1", (unsigned)uid, (unsigned)uid);
+        if (write_file("/proc/self/uid_map", map) != 0) fail_child(errfd, "uid_map");
+        snprintf(map, sizeof map, "%u %u 1", (unsigned)gid, (unsigned)gid);
+        if (write_file("/proc/self/gid_map", map) != 0) fail_child(errfd, "gid_map");
+        in_userns = 1;
+        rl.rlim_cur = rl.rlim_max = o->nproc;
+        if (setrlimit(RLIMIT_NPROC, &rl) != 0) fail_child(errfd, "rlimit_nproc");
     }
-    pid_t me = getpid();
-    cmd_pid = fork();
-    if (cmd_pid < 0) {
-        say("E fork %d\n", errno);
-        return 125;
+    if (o->netns) {
+        int ok = unshare(CLONE_NEWNET) == 0;
+        if (!ok && !in_userns && enter_userns(uid, gid) == 0) ok = unshare(CLONE_NEWNET) == 0;
+        if (ok) loopback_up();
+        else if (o->netns == 2 && o->lnetfb) *lnet = o->lnetfb;
+        else fail_child(errfd, "netns");
     }
-    if (cmd_pid == 0) {
-        close(errpipe[0]);
-        /* The reaper is not dumpable; its child must be, or /proc/self/{uid_map,
-         * oom_score_adj} turn root-owned and cannot be written (exec would reset it). */
-        prctl(PR_SET_DUMPABLE, 1);
-        if (setsid() < 0) fail_child(errpipe[1], "setsid");
-        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail_child(errpipe[1], "pdeathsig");
-        if (getppid() != me) _exit(125);
-        if (cgroup) join_cgroup(cgroup);
-        if (oom > -1000000) {
-            int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
-            if (fd >= 0) {
-                char b[32];
-                int n = snprintf(b, sizeof b, "%lld", oom);
-                if (write(fd, b, n) < 0) { /* raising needs no privilege; /proc may be absent */ }
-                close(fd);
-            }
-        }
-        struct rlimit rl;
-        if (cpu_soft >= 0) {
-            rl.rlim_cur = cpu_soft;
-            rl.rlim_max = cpu_hard;
-            if (setrlimit(RLIMIT_CPU, &rl) != 0) fail_child(errpipe[1], "rlimit_cpu");
-        }
-        if (as >= 0) {
-            rl.rlim_cur = rl.rlim_max = as;
-            if (setrlimit(RLIMIT_AS, &rl) != 0) fail_child(errpipe[1], "rlimit_as");
-        }
-        if (fsize >= 0) {
-            rl.rlim_cur = fsize;
-            rl.rlim_max = fsize_hard;
-            if (setrlimit(RLIMIT_FSIZE, &rl) != 0) fail_child(errpipe[1], "rlimit_fsize");
-        }
-        if (nofile >= 0) {
-            rl.rlim_cur = rl.rlim_max = nofile;
-            if (setrlimit(RLIMIT_NOFILE, &rl) != 0) fail_child(errpipe[1], "rlimit_nofile");
-        }
-        /* Where user namespaces are refused (sysctl, LSM), the watcher alone counts
-         * processes; the supervisor sees which from /proc/PID/ns/user. */
-        uid_t uid = getuid(); /* before unshare: inside, unmapped ids read as 65534 */
-        gid_t gid = getgid();
-        int in_userns = 0;
-        if (nproc >= 0 && unshare(CLONE_NEWUSER) == 0) {
-            /* unshare succeeded; now map the ids (a failure here is fatal: unmapped ids) */
-            char map[64];
-            write_file("/proc/self/setgroups", "deny");
-            snprintf(map, sizeof map, "%u %u 1", (unsigned)uid, (unsigned)uid);
-            if (write_file("/proc/self/uid_map", map) != 0) fail_child(errpipe[1], "uid_map");
-            snprintf(map, sizeof map, "%u %u 1", (unsigned)gid, (unsigned)gid);
-            if (write_file("/proc/self/gid_map", map) != 0) fail_child(errpipe[1], "gid_map");
-            in_userns = 1;
-            rl.rlim_cur = rl.rlim_max = nproc;
-            if (setrlimit(RLIMIT_NPROC, &rl) != 0) fail_child(errpipe[1], "rlimit_nproc");
-        }
-        if (netns) {
-            int ok = unshare(CLONE_NEWNET) == 0;
-            if (!ok && !in_userns && enter_userns(uid, gid) == 0) ok = unshare(CLONE_NEWNET) == 0;
-            if (ok) loopback_up();
-            else if (netns == 2 && lnetfb) lnet = lnetfb;
-            else fail_child(errpipe[1], "netns");
-        }
-        /* SysV shared memory, semaphores and POSIX message queues of the tree's own: they
-         * go with its last process instead of outliving the run.  Needs privilege (root,
-         * or a user namespace entered above); without it the tree shares the host's. */
-        if (ipcns) unshare(CLONE_NEWIPC);
-        drop_caps();
-        if (scope || lfs || lnet) {
-            struct { unsigned long long fs, net, scoped; } attr = {
-                lfs, lnet, scope ? LANDLOCK_SCOPE_SIGNAL_BIT : 0};
-            /* An older ABI reads a shorter struct: the unused tail must not be passed. */
-            size_t size = scope ? sizeof attr : lnet ? 2 * sizeof(unsigned long long)
-                                                     : sizeof(unsigned long long);
-            int rfd = (int)syscall(SYS_landlock_create_ruleset, &attr, size, 0);
-            if (rfd < 0) fail_child(errpipe[1], "landlock");
-            for (int r = 0; r < nrules; r++) {
-                char *colon = strchr(rules[r], ':');
-                struct path_beneath pb;
-                pb.allowed_access = strtoull(rules[r], NULL, 0);
-                pb.parent_fd = open(colon + 1, O_PATH | O_CLOEXEC);
-                if (pb.parent_fd < 0) fail_child(errpipe[1], "landlock_path");
-                if (syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_PATH_BENEATH, &pb, 0) != 0)
-                    fail_child(errpipe[1], "landlock_rule");
-                close(pb.parent_fd);
-            }
-            /* The command's own stdin/stdout/stderr stay reopenable (echo >/dev/stderr)
-             * when they are files or terminals: they are where the user sent its output. */
-            for (int fd = 0; lfs && fd < 3; fd++) {
-                struct stat st;
-                if (fstat(fd, &st) != 0 || !(S_ISREG(st.st_mode) || S_ISCHR(st.st_mode))) continue;
-                char self[32];
-                snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
-                struct path_beneath pb;
-                /* write_file | read_file | truncate, as far as they are handled */
-                pb.allowed_access = lfs & ((1ULL << 1) | (1ULL << 2) | (1ULL << 14));
-                pb.parent_fd = open(self, O_PATH | O_CLOEXEC);
-                if (pb.parent_fd < 0 || !pb.allowed_access) continue;
-                syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_PATH_BENEATH, &pb, 0);
-                close(pb.parent_fd);
-            }
-            if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) fail_child(errpipe[1], "no_new_privs");
-            if (syscall(SYS_landlock_restrict_self, rfd, 0) != 0) fail_child(errpipe[1], "landlock");
-            close(rfd);
-        }
-        /* The filter needs no_new_privs; the Landlock domain above has set it already. */
-        if (!prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)) prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-        if (guard_other_processes() != 0 && errno != ENOSYS && errno != EINVAL)
-            fail_child(errpipe[1], "seccomp");
-        if (cwd && chdir(cwd) != 0) fail_child(errpipe[1], "chdir");
-        sigset_t none;
-        sigemptyset(&none);
-        for (int s = 1; s < 32; s++)
-            if (s != SIGKILL && s != SIGSTOP) signal(s, SIG_DFL);
-        sigprocmask(SIG_SETMASK, &none, NULL);
-        execvp(cmd[0], cmd);
-        fail_child(errpipe[1], "exec");
+    /* SysV shared memory, semaphores and POSIX message queues of the tree's own: they
+     * go with its last process instead of outliving the run.  Needs privilege (root,
+     * or a user namespace entered above); without it the tree shares the host's. */
+    if (o->ipcns) unshare(CLONE_NEWIPC);
+}
+
+/* In the command: the Landlock domain (the workspace jail, TCP rules, signal scope). */
+static void apply_landlock(const struct opts *o, int errfd, unsigned long long lnet) {
+    unsigned long long lfs = o->lfs;
+    int scope = o->scope;
+    if (!(scope || lfs || lnet)) return;
+    struct { unsigned long long fs, net, scoped; } attr = {
+        lfs, lnet, scope ? LANDLOCK_SCOPE_SIGNAL_BIT : 0};
+    /* An older ABI reads a shorter struct: the unused tail must not be passed. */
+    size_t size = scope ? sizeof attr : lnet ? 2 * sizeof(unsigned long long)
+                                             : sizeof(unsigned long long);
+    int rfd = (int)syscall(SYS_landlock_create_ruleset, &attr, size, 0);
+    if (rfd < 0) fail_child(errfd, "landlock");
+    for (int r = 0; r < o->nrules; r++) {
+        const char *colon = strchr(o->rules[r], ':');
+        struct path_beneath pb;
+        pb.allowed_access = strtoull(o->rules[r], NULL, 0);
+        pb.parent_fd = open(colon + 1, O_PATH | O_CLOEXEC);
+        if (pb.parent_fd < 0) fail_child(errfd, "landlock_path");
+        if (syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_PATH_BENEATH, &pb, 0) != 0)
+            fail_child(errfd, "landlock_rule");
+        close(pb.parent_fd);
     }
-    close(errpipe[1]);
+    /* The command's own stdin/stdout/stderr stay reopenable (echo >/dev/stderr)
+     * when they are files or terminals: they are where the user sent its output. */
+    for (int fd = 0; lfs && fd < 3; fd++) {
+        struct stat st;
+        if (fstat(fd, &st) != 0 || !(S_ISREG(st.st_mode) || S_ISCHR(st.st_mode))) continue;
+        char self[32];
+        snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+        struct path_beneath pb;
+        /* write_file | read_file | truncate, as far as they are handled */
+        pb.allowed_access = lfs & ((1ULL << 1) | (1ULL << 2) | (1ULL << 14));
+        pb.parent_fd = open(self, O_PATH | O_CLOEXEC);
+        if (pb.parent_fd < 0 || !pb.allowed_access) continue;
+        syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_PATH_BENEATH, &pb, 0);
+        close(pb.parent_fd);
+    }
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) fail_child(errfd, "no_new_privs");
+    if (syscall(SYS_landlock_restrict_self, rfd, 0) != 0) fail_child(errfd, "landlock");
+    close(rfd);
+}
+
+/* Step 4, in the forked child: set the command up and exec it; never returns. */
+static void exec_command(const struct opts *o, int errfd, pid_t reaper) {
+    /* The reaper is not dumpable; its child must be, or /proc/self/{uid_map,
+     * oom_score_adj} turn root-owned and cannot be written (exec would reset it). */
+    prctl(PR_SET_DUMPABLE, 1);
+    if (setsid() < 0) fail_child(errfd, "setsid");
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) fail_child(errfd, "pdeathsig");
+    if (getppid() != reaper) _exit(125);
+    if (o->cgroup) join_cgroup(o->cgroup);
+    apply_rlimits(o, errfd);
+    unsigned long long lnet = o->lnet;
+    enter_namespaces(o, errfd, &lnet);
+    drop_caps();
+    apply_landlock(o, errfd, lnet);
+    /* The filter needs no_new_privs; the Landlock domain above has set it already. */
+    if (!prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)) prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    if (guard_other_processes() != 0 && errno != ENOSYS && errno != EINVAL)
+        fail_child(errfd, "seccomp");
+    if (o->cwd && chdir(o->cwd) != 0) fail_child(errfd, "chdir");
+    sigset_t none;
+    sigemptyset(&none);
+    for (int s = 1; s < 32; s++)
+        if (s != SIGKILL && s != SIGSTOP) signal(s, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    execvp(o->cmd[0], o->cmd);
+    fail_child(errfd, "exec");
+}
+
+/* Step 5: "P pid pidfd scoped" once the command was exec'ed, or "E step errno". */
+static void report_start(int errfd, int parent_fd, int scope) {
     char ebuf[64];
     ssize_t elen;
-    do elen = read(errpipe[0], ebuf, sizeof ebuf - 1);
+    do elen = read(errfd, ebuf, sizeof ebuf - 1);
     while (elen < 0 && errno == EINTR);
-    close(errpipe[0]);
+    close(errfd);
     if (elen > 0) {
         ebuf[elen] = 0;
         char *colon = strchr(ebuf, ':');
@@ -691,7 +718,11 @@ int main(int argc, char **argv) {
     } else {
         say("P %d %d %d\n", (int)cmd_pid, parent_fd >= 0, scope);
     }
+}
 
+/* Step 6: reap the tree and obey "s SIG" until it is empty; kill it all if the
+ * supervisor goes. */
+static void watch_tree(int sfd, int parent_fd) {
     int cmd_done = 0, orphaned = 0, killing = 0;
     char cbuf[256];
     size_t clen = 0;
@@ -741,9 +772,43 @@ int main(int argc, char **argv) {
          * may outlive it. */
         if (orphaned || killing) signal_tree(SIGKILL, 0);
     }
+}
+
+int main(int argc, char **argv) {
+    static struct opts o;
+    int rc = parse_args(argc, argv, &o);
+    if (rc) return rc;
+    close_inherited_fds(&o);
+    int parent_fd = become_reaper(&o);
+    if (parent_fd == -2) return 125;
+
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+
+    int errpipe[2];
+    if (pipe2(errpipe, O_CLOEXEC) != 0) {
+        say("E pipe %d\n", errno);
+        return 125;
+    }
+    pid_t me = getpid();
+    cmd_pid = fork();
+    if (cmd_pid < 0) {
+        say("E fork %d\n", errno);
+        return 125;
+    }
+    if (cmd_pid == 0) {
+        close(errpipe[0]);
+        exec_command(&o, errpipe[1], me);
+    }
+    close(errpipe[1]);
+    report_start(errpipe[0], parent_fd, o.scope);
+    watch_tree(sfd, parent_fd);
     /* The tree is empty: its pids cgroup goes too (the supervisor tries again, in case
      * this process is killed first). */
-    if (cgroup) rmdir(cgroup);
+    if (o.cgroup) rmdir(o.cgroup);
     say("D %lld\n", self_cpu_us());
     return 0;
 }

@@ -7,8 +7,13 @@ on the hot path of every run, and ``supervise -- true`` must not pay for those i
 
 from __future__ import annotations
 
+import os
 import time
 from decimal import Decimal
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .errors import SupervisorError
 
 STATUSES = ("ok", "violation", "failed", "signaled")
 
@@ -44,6 +49,102 @@ def format_limit(limit: str, value: float | None) -> str:
     if unit == "bytes":
         return format_size(int(value))
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def breach_message(limit: str, observed: float | None, value: float | None, how: str) -> str:
+    """``memory limit exceeded: 300.0 MiB > 256.0 MiB (tree RSS)``."""
+    cap = format_limit(limit, value)
+    if observed is None:
+        return f"{limit} limit exceeded: {cap} ({how})"
+    shown = format_limit(limit, observed)
+    if shown == cap:  # "3.00 s > 3.00 s" reads as no breach at all: be exact
+        if UNITS.get(limit) == "seconds":
+            shown = f"{observed:.3f} s"
+        elif UNITS.get(limit) == "bytes":
+            shown, cap = f"{int(observed)} bytes", f"{int(value or 0)} bytes"
+    return f"{limit} limit exceeded: {shown} > {cap} ({how})"
+
+
+def alert_message(limit: str, used: float, value: float, frac: float, scope: str | None) -> str:
+    """``memory at 80% of its limit: 205.0 MiB of 256.0 MiB`` (a budget names its scope)."""
+    shown = f"{format_limit(limit, used)} of {format_limit(limit, value)}"
+    where = f"{scope} " if scope else ""
+    return f"{where}{limit} at {frac:.0%} of its limit: {shown}"
+
+
+def stop_note(killed: int, ignored: list[int]) -> str:
+    """What a kill adds to the violation's message: how many, and who ignored SIGTERM."""
+    note = f"; killed {killed} process{'es' if killed != 1 else ''}" if killed else ""
+    if ignored:
+        shown = ", ".join(map(str, ignored[:10]))
+        if len(ignored) > 10:
+            shown += f" and {len(ignored) - 10} more"
+        note += f" ({shown} ignored SIGTERM)"
+    return note
+
+
+def returncode(wstatus: int) -> int | None:
+    """The command's returncode from its wait status (negative: the signal that ended it)."""
+    if os.WIFEXITED(wstatus):
+        return os.WEXITSTATUS(wstatus)
+    if os.WIFSIGNALED(wstatus):
+        return -os.WTERMSIG(wstatus)
+    return None
+
+
+def exit_status(
+    returncode: int | None,
+    violation: Violation | None,
+    *,
+    killed: bool,
+    forwarded: int = 0,
+    killed_after_grace: bool = False,
+) -> tuple[str, int]:
+    """(status, exit code) of a run the supervisor saw to its end (SPEC: exit statuses).
+
+    ``killed``: a violation stopped the tree (124).  A forwarded signal (``forwarded``)
+    the tree did not obey within grace is 128 + that signal, as a shell would say it.
+    """
+    if violation is not None and killed:
+        status, code = "violation", 124
+    elif returncode is not None and returncode < 0:
+        status, code = ("violation" if violation is not None else "signaled"), 128 - returncode
+    else:
+        status, code = ("violation" if violation is not None else "ok"), returncode or 0
+    if forwarded and violation is None and killed_after_grace:
+        status, code = "signaled", 128 + forwarded
+    return status, code
+
+
+def conclude(
+    res: RunResult,
+    wstatus: int | None,
+    *,
+    kills: bool,
+    killed: int = 0,
+    ignored: list[int] | None = None,
+    forwarded: int = 0,
+    killed_after_grace: bool = False,
+) -> None:
+    """Fill in returncode, status and exit code of a run seen to its end; a violation
+    that stopped the tree (``kills``) says how many processes it killed, and who
+    ignored SIGTERM."""
+    res.returncode = returncode(wstatus if wstatus is not None else 0)
+    v = res.violation
+    if v is not None and kills:
+        v.message += stop_note(killed, ignored or [])
+    res.status, res.exit_code = exit_status(
+        res.returncode,
+        v,
+        killed=kills and v is not None,
+        forwarded=forwarded,
+        killed_after_grace=killed_after_grace,
+    )
+
+
+def fail(res: RunResult, error: SupervisorError) -> None:
+    """supervise could not run the command, or not go on safely (it stopped the tree)."""
+    res.status, res.exit_code, res.error = "failed", error.exit_code, str(error)
 
 
 def iso_time(t: float) -> str:
@@ -83,7 +184,24 @@ class Violation:
         }
 
     def __repr__(self) -> str:
-        return f"Violation({self.message!r})"
+        return f"Violation(limit={self.limit!r}, message={self.message!r})"
+
+
+_USAGE_ORDER = (
+    "wall_time",
+    "cpu_time",
+    "peak_memory",
+    "peak_processes",
+    "peak_open_files",
+    "storage_bytes",
+    "files",
+    "api_calls",
+    "input_tokens",
+    "output_tokens",
+    "usd",
+    "by_model",
+    "by_label",
+)
 
 
 class Usage:
@@ -119,6 +237,20 @@ class Usage:
         self.usd = Decimal(0)
         self.by_model: dict[str, dict[str, object]] = {}
         self.by_label: dict[str, dict[str, object]] = {}
+
+    def __repr__(self) -> str:
+        # What was used, zeros and empty tables left out (a short run's repr fits a line).
+        shown = []
+        for name in _USAGE_ORDER:
+            value = getattr(self, name)
+            if not value:
+                continue
+            if isinstance(value, float):
+                value = round(value, 3)
+            elif isinstance(value, Decimal):
+                value = str(value)
+            shown.append(f"{name}={value!r}")
+        return f"Usage({', '.join(shown)})"
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {name: getattr(self, name) for name in sorted(self.__slots__)}
@@ -187,6 +319,16 @@ class RunResult:
         }
 
     def __repr__(self) -> str:
-        return (
-            f"RunResult(status={self.status!r}, exit_code={self.exit_code}, run_id={self.run_id!r})"
-        )
+        shown = [
+            f"status={self.status!r}",
+            f"exit_code={self.exit_code}",
+            f"returncode={self.returncode}",
+            f"command={self.command!r}",
+            f"run_id={self.run_id!r}",
+        ]
+        if self.violation is not None:
+            shown.append(f"violation={self.violation!r}")
+        if self.error is not None:
+            shown.append(f"error={self.error!r}")
+        shown.append(f"usage={self.usage!r}")
+        return f"RunResult({', '.join(shown)})"

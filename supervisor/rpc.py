@@ -38,6 +38,7 @@ from typing import Any
 
 from . import _jsonrpc as j
 from ._rpc_methods import METHODS, Backend, InvalidParams, call, validate
+from ._run_log import TokenBucket
 
 __all__ = ["Backend", "RpcServer"]  # Backend lives in _rpc_methods
 
@@ -93,11 +94,7 @@ class RpcServer:
         self.max_requests = max_requests
         self.max_busy = max_busy
         self.max_connections = max_connections
-        self._rate = errors_per_second
-        self._burst = float(error_burst)
-        self._tokens = float(error_burst)
-        self._stamp = time.monotonic()
-        self._suppressed = 0
+        self._errors = TokenBucket(errors_per_second, error_burst)
         # Notifications sent so far (the last 64): a process that attaches later (a child
         # started after a warning, or one slow to make its first call) gets them first.
         self._sent: list[bytes] = []
@@ -154,16 +151,6 @@ class RpcServer:
         self._handle_backlog()
         self._settle()
 
-    def want_write(self) -> bool:
-        """Whether output is pending (the epoll fd also turns readable when it can go)."""
-        return any(c.out for c in self._conns.values())
-
-    def on_writable(self) -> None:
-        """Write what is pending, as far as the sockets take it."""
-        for conn in list(self._conns.values()):
-            self._flush(conn)
-        self._settle()
-
     def notify(self, method: str, params: dict[str, Any]) -> None:
         """Send a notification to every connection (``warning``, ``stopping``)."""
         data = j.line({"jsonrpc": "2.0", "method": method, "params": params})
@@ -189,8 +176,8 @@ class RpcServer:
 
     def flush_errors(self) -> None:
         """Report now how many errors were not reported one by one (if any)."""
-        if self._suppressed:
-            self._tokens = max(self._tokens, 1.0)
+        if self._errors.suppressed:
+            self._errors.tokens = max(self._errors.tokens, 1.0)
             self._error(j.SERVER_ERROR, "end of run", "")
 
     def close(self) -> None:
@@ -202,7 +189,7 @@ class RpcServer:
         try:
             self.flush_errors()
         except Exception:  # the summary is lost; the end of the run is not
-            self._suppressed = 0
+            self._errors.pop_suppressed()
         for conn in list(self._conns.values()):
             self._drop(conn)
         self.close_child_end()
@@ -471,16 +458,11 @@ class RpcServer:
         """Report to ``on_error``, at most ``error_burst`` at once and then ``rate`` a second."""
         if self.on_error is None:
             return
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
-        if self._tokens < 1.0:
-            self._suppressed += 1
+        if not self._errors.take():
             return
-        self._tokens -= 1.0
-        if self._suppressed:
-            message = f"{message} ({self._suppressed} more RPC errors not reported one by one)"
-            self._suppressed = 0
+        quiet = self._errors.pop_suppressed()
+        if quiet:
+            message = f"{message} ({quiet} more RPC errors not reported one by one)"
         self.on_error(code, message, excerpt)
 
 

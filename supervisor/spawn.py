@@ -4,7 +4,8 @@ The command is not forked from Python.  ``posix_spawn`` (vfork-cheap whatever th
 of the parent) starts ``_reaper``, a small C program compiled from ``_reaper.c``, which
 forks the command, applies the rlimits in it before exec, and stays as its parent: a
 subreaper that reaps the whole tree and kills it if the supervisor dies.  The protocol
-between the two is a line per event on a pipe (see ``_reaper.c``).
+between the two is a line per event on a socket (see ``_reaper.c``), parsed here, once,
+into the typed events below (``Child.read_events``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,23 @@ import errno as _errno
 import os
 import sys
 
-from .errors import CommandNotExecutable, CommandNotFound, HelperError, SpawnError
+from .errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    HelperError,
+    SpawnError,
+    SupervisorError,
+)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_HERE, "_reaper.c")
 _PACKAGED = os.path.join(_HERE, "_reaper")
 _reaper_cache: str | None = None
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import TypeAlias
 
 # The rlimit each setup step applies, for messages a user can act on.
 _STEP_LIMIT = {
@@ -78,6 +90,109 @@ def reaper_path() -> str:
     return _reaper_cache
 
 
+# -- the reaper's events ------------------------------------------------------------------
+
+
+class Started:
+    """``P pid pidfd scoped``: the command was exec'ed."""
+
+    __slots__ = ("pid", "pidfd", "scoped")
+
+    def __init__(self, pid: int, pidfd: bool, scoped: bool) -> None:
+        self.pid, self.pidfd, self.scoped = pid, pidfd, scoped
+
+
+class SetupFailed:
+    """``E step errno``: setting up the command failed at ``step``."""
+
+    __slots__ = ("errno", "step")
+
+    def __init__(self, step: str, errno: int) -> None:
+        self.step, self.errno = step, errno
+
+
+class Exited:
+    """``X pid wstatus utime_us stime_us maxrss_kb own_cpu_us``: a direct child was reaped.
+
+    ``cpu`` is its CPU with its reaped descendants' (seconds), ``own_cpu`` its own only
+    (what RLIMIT_CPU counts), ``maxrss`` bytes.
+    """
+
+    __slots__ = ("cpu", "maxrss", "own_cpu", "pid", "wstatus")
+
+    def __init__(self, pid: int, wstatus: int, cpu: float, maxrss: int, own_cpu: float) -> None:
+        self.pid, self.wstatus, self.cpu, self.maxrss, self.own_cpu = (
+            pid, wstatus, cpu, maxrss, own_cpu,
+        )  # fmt: skip
+
+
+class KernelKill:
+    """``R pid wstatus cpu_us``: a descendant died of SIGXCPU/SIGXFSZ (or a SIGKILL)."""
+
+    __slots__ = ("cpu", "pid", "wstatus")
+
+    def __init__(self, pid: int, wstatus: int, cpu: float) -> None:
+        self.pid, self.wstatus, self.cpu = pid, wstatus, cpu
+
+
+class Signalled:
+    """``s SIG pid...``: the reaper sent SIG to these pids of the tree."""
+
+    __slots__ = ("pids", "sig")
+
+    def __init__(self, sig: int, pids: set[int]) -> None:
+        self.sig, self.pids = sig, pids
+
+
+class Done:
+    """``D own_cpu_us``: the tree is empty; the reaper's own CPU, to take out of its rusage."""
+
+    __slots__ = ("own_cpu",)
+
+    def __init__(self, own_cpu: float) -> None:
+        self.own_cpu = own_cpu
+
+
+if TYPE_CHECKING:
+    Event: TypeAlias = Started | SetupFailed | Exited | KernelKill | Signalled | Done
+
+
+def parse_event(line: bytes) -> Event | None:
+    """One line of the reaper's protocol; None for an empty or unknown line.
+
+    Raises ValueError for a line of a known kind that does not parse.
+    """
+    parts = line.split()
+    if not parts:
+        return None
+    kind, args = parts[0], parts[1:]
+    try:
+        if kind == b"X":
+            pid, wstatus, utime, stime, maxrss, own = map(int, args[:6])
+            return Exited(pid, wstatus, (utime + stime) / 1e6, maxrss * 1024, own / 1e6)
+        if kind == b"R":
+            return KernelKill(int(args[0]), int(args[1]), int(args[2]) / 1e6)
+        if kind == b"s":
+            return Signalled(int(args[0]), {int(p) for p in args[1:]})
+        if kind == b"D":
+            return Done(int(args[0]) / 1e6)
+        if kind == b"P" and len(args) == 3:
+            return Started(int(args[0]), args[1] == b"1", args[2] == b"1")
+        if kind == b"E" and len(args) == 2:
+            return SetupFailed(args[0].decode("ascii", "replace"), int(args[1]))
+    except IndexError:
+        raise ValueError(f"short reaper line {line[:80]!r}") from None
+    return None
+
+
+def prebuild_reaper() -> None:
+    """Build the reaper now if it must be (errors: ``spawn()`` reports them)."""
+    try:
+        reaper_path()
+    except SupervisorError:
+        pass
+
+
 class Child:
     """A started command: its reaper's pid, the command's pid, and the reaper's socket.
 
@@ -85,7 +200,7 @@ class Child:
     through a pidfd; the tree cannot signal or ptrace outside itself (Landlock scope).
     """
 
-    __slots__ = ("fd", "pid", "pidfd", "reaper_pid", "scoped")
+    __slots__ = ("_buf", "fd", "pid", "pidfd", "reaper_pid", "scoped")
 
     def __init__(self, reaper_pid: int, fd: int) -> None:
         self.reaper_pid = reaper_pid
@@ -93,10 +208,27 @@ class Child:
         self.pid = 0
         self.pidfd = False
         self.scoped = False
+        self._buf = b""
 
-    @property
-    def status_fd(self) -> int:
-        return self.fd
+    def read_events(self) -> list[Event] | None:
+        """The events of one read of the socket (poll it first); None at its end (the
+        reaper is gone).  A line that does not parse is reported and skipped: it must not
+        end supervision."""
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            return None
+        *lines, self._buf = (self._buf + chunk).split(b"\n")
+        events = []
+        for line in lines:
+            try:
+                event = parse_event(line)
+            except ValueError:
+                event = None
+            if event is None and line.strip():
+                print(f"supervise: unexpected line from the reaper: {line[:80]!r}", file=sys.stderr)
+            elif event is not None:
+                events.append(event)
+        return events
 
     def signal_tree(self, sig: int) -> None:
         """Ask the reaper to send ``sig`` to every process of the tree."""
@@ -105,7 +237,7 @@ class Child:
         except OSError:  # the reaper is gone: the tree is already empty
             pass
 
-    def close(self) -> None:
+    def close_socket(self) -> None:
         if self.fd >= 0:
             try:
                 os.close(self.fd)
@@ -113,11 +245,31 @@ class Child:
                 pass
         self.fd = -1
 
+    def close(self) -> None:
+        """Close the socket (the reaper kills what is left and exits) and reap the reaper."""
+        self.close_socket()
+        if self.reaper_pid > 0:
+            _reap(self.reaper_pid)
+            self.reaper_pid = 0
+
+
+def argv_words(argv: Sequence[str]) -> list[str]:
+    """``argv`` as a list; a string is refused: nothing splits it for the caller."""
+    if isinstance(argv, (str, bytes)):
+        raise TypeError(
+            f"argv must be a list of words, not a string: {argv!r} would not be split "
+            f'(pass ["sh", "-c", {argv!r}] to run it with a shell, or shlex.split({argv!r}))'
+        )
+    return list(argv)
+
 
 def build_env(
-    inherit: bool | list[str], set_: dict[str, str], base: dict[str, str] | None = None
+    inherit: bool | list[str],
+    set_: dict[str, str],
+    base: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The child's environment: inherited (all, none or some names) plus ``set``."""
+    """The child's environment: inherited (all, none or some names), ``set``, ``extra``."""
     src = os.environ if base is None else base
     if inherit is True:
         env = dict(src)
@@ -126,6 +278,7 @@ def build_env(
     else:
         env = {k: src[k] for k in inherit if k in src}
     env.update(set_)
+    env.update(extra or {})
     return env
 
 
@@ -161,7 +314,7 @@ def spawn(
     ours, theirs = (s.detach() for s in _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM))
     os.set_inheritable(ours, False)
     os.set_inheritable(theirs, False)
-    args = [reaper, f"status={theirs}", f"ctl={theirs}", f"ppid={os.getpid()}", *rlimits]
+    args = [reaper, f"fd={theirs}", f"ppid={os.getpid()}", *rlimits]
     if cwd is not None:
         args.append(f"cwd={cwd}")
     args += [f"pass={fd}" for fd in pass_fds]
@@ -187,9 +340,12 @@ def spawn(
     child = Child(reaper_pid, ours)
     try:
         first = _read_line(ours)
-        parts = first.split()
-        if len(parts) == 4 and parts[0] == b"P":
-            child.pid, child.pidfd, child.scoped = int(parts[1]), parts[2] == b"1", parts[3] == b"1"
+        try:
+            event = parse_event(first)
+        except ValueError:
+            event = None
+        if isinstance(event, Started):
+            child.pid, child.pidfd, child.scoped = event.pid, event.pidfd, event.scoped
             return child
         # Setup failed: drain the reaper, reap it, and say what happened.
         while _read_line(ours):
@@ -197,12 +353,12 @@ def spawn(
     except BaseException:
         # Interrupted before the run took over the child: nothing may run unsupervised.
         child.signal_tree(9)
-        child.close()
+        child.close_socket()
         _reap(reaper_pid)
         raise
     _reap(reaper_pid)
-    child.close()
-    raise _setup_error(first, argv, rlimits)
+    child.close_socket()
+    raise _setup_error(first, event, argv, rlimits)
 
 
 def _read_line(fd: int) -> bytes:
@@ -222,11 +378,12 @@ def _reap(pid: int) -> int:
         return 0
 
 
-def _setup_error(line: bytes, argv: list[str], rlimits: list[str]) -> SpawnError:
-    parts = line.decode("ascii", "replace").split()
-    if len(parts) != 3 or parts[0] != "E":
+def _setup_error(
+    line: bytes, event: Event | None, argv: list[str], rlimits: list[str]
+) -> SpawnError:
+    if not isinstance(event, SetupFailed):
         return SpawnError(f"the reaper helper stopped unexpectedly ({line!r})", step="reaper")
-    step, err = parts[1], int(parts[2])
+    step, err = event.step, event.errno
     reason = os.strerror(err)
     if step == "exec":
         if err in (_errno.ENOENT, _errno.ENOTDIR):

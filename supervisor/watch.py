@@ -1,4 +1,4 @@
-"""The process-tree sampler and the pace it samples at.
+"""The process-tree sampler, the pace it samples at, and the limit checks on what it saw.
 
 Rlimits are per process; an agent is a tree.  ``TreeSampler`` measures the whole tree
 under the reaper: RSS (``limits.memory``), CPU time (``limits.cpu_time``: live processes
@@ -12,15 +12,27 @@ the reaper down, never by scanning every pid of the host.
 
 ``next_interval`` paces the samples: slow while every limit is far away, fast as one
 nears, faster still when the last samples show it growing toward the limit.
+
+The checks (``sample_checks``, ``kernel_breach``, ``exit_checks``) say which limit a
+measurement or a death stands for; the run decides what follows (a breach, an alert).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
+    from typing import Any, TypeAlias
+
+    from ._plan import Limits, RunPlan
+    from .result import RunResult, Usage, Violation
+
+    # (limit, used, limit value, how it was measured): one limit's state now.
+    Check: TypeAlias = tuple[str, float, float, str]
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -88,22 +100,6 @@ def _stat(pid: int) -> tuple[int, float, float, int] | None:
     own = (int(fields[11]) + int(fields[12])) / TICK
     reaped = (int(fields[13]) + int(fields[14])) / TICK
     return int(fields[21]) * PAGE, own, reaped, int(fields[17])
-
-
-def _session_members(sid: int) -> list[int]:
-    """Every process of session ``sid``, by a scan of all of /proc (for rare paths only)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            data = _read(f"/proc/{entry}/stat")
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2 :].split()
-        if int(fields[3]) == sid:  # field 6: session
-            out.append(int(entry))
-    return out
 
 
 def _fd_count(pid: int) -> int:
@@ -186,3 +182,208 @@ def next_interval(
             if rate > 0:
                 interval = min(interval, (limit - used) / rate / 4)
     return max(FLOOR, interval)
+
+
+# -- the checks ------------------------------------------------------------------------
+
+_SAMPLED = (
+    ("memory", "tree RSS"),
+    ("processes", "live processes in the tree"),
+    ("cpu_time", "tree CPU"),
+    ("wall_time", "wall clock"),
+)
+
+_SIGNAL_LIMIT: dict[int, str] = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size"}
+
+
+def fold_sample(usage: Usage, cur: Sample) -> None:
+    """The sample's figures into the run's peaks."""
+    usage.peak_memory = max(usage.peak_memory, cur.rss)
+    usage.peak_processes = max(usage.peak_processes, cur.processes)
+    usage.peak_open_files = max(usage.peak_open_files, cur.max_fds)
+    usage.cpu_time = max(usage.cpu_time, cur.cpu)
+
+
+def current(cur: Sample, checks: list[Check], elapsed: float) -> dict[str, float]:
+    """The current value of every gauge (``Run.on_sample``, ``--live``)."""
+    out = {name: used for name, used, _, _ in checks}
+    out.update(
+        memory=cur.rss,
+        processes=cur.processes,
+        cpu_time=cur.cpu,
+        open_files=cur.max_fds,
+        wall_time=elapsed,
+    )
+    return out
+
+
+def sample_checks(lim: Limits, cur: Sample, elapsed: float) -> list[Check]:
+    """The sampled limits this plan has, with what the sample shows of each."""
+    used = {
+        "memory": cur.rss,
+        "processes": cur.processes,
+        "cpu_time": cur.cpu,
+        "wall_time": elapsed,
+    }
+    out: list[Check] = []
+    for name, how in _SAMPLED:
+        limit = getattr(lim, name)
+        if limit is not None:
+            out.append((name, used[name], limit, how))
+    return out
+
+
+def kernel_breach(
+    wstatus: int, cpu: float, shown: float, cpu_limit: float | None, killed_by_us: bool
+) -> tuple[str, float | None, str] | None:
+    """The limit the kernel enforced when a process of the tree died of ``wstatus``.
+
+    SIGXCPU and SIGXFSZ name theirs; a SIGKILL we did not send, of a process whose own
+    CPU (``cpu``, what RLIMIT_CPU counts) reached the limit, is RLIMIT_CPU's hard limit.
+    Returns (limit, observed, signal name) or None; ``shown`` is a more precise CPU figure
+    for the message (or -1).  file_size's observed value is None: the write was refused.
+    """
+    if not os.WIFSIGNALED(wstatus):
+        return None
+    sig = os.WTERMSIG(wstatus)
+    limit = _SIGNAL_LIMIT.get(sig)
+    if (
+        limit is None
+        and sig == signal.SIGKILL
+        and not killed_by_us
+        and cpu_limit is not None
+        and cpu >= max(1, math.ceil(cpu_limit))
+    ):
+        limit = "cpu_time"  # killed by the kernel at the RLIMIT_CPU hard limit
+    if limit is None:
+        return None
+    name = signal.Signals(sig).name
+    if limit == "cpu_time":
+        # The kernel's clock is exact, rusage is sampled: it may read a little under
+        # the soft limit the kernel just enforced.
+        soft = max(1, math.ceil(cpu_limit)) if cpu_limit is not None else 0
+        return limit, max(cpu, shown, soft), name
+    return limit, None, name
+
+
+def step_check(
+    step_time: float | None, deadline: tuple[float, str] | None, now: float
+) -> Check | None:
+    """The oldest open step, once it has run past ``step_time``."""
+    if step_time is None or deadline is None or now < deadline[0]:
+        return None
+    at, name = deadline
+    return "step_time", now - at + step_time, step_time, f"step {name!r}"
+
+
+ALERTS = (0.8, 0.9)  # fractions of a limit that raise a warning, once each per run
+
+
+class Verdicts:
+    """What the measurements mean for one run: its violation (the first breach; under
+    ``on_violation: warn`` one per limit) and an alert at each fraction of a limit.
+
+    It decides and words; the run acts, through ``on_violation(violation, kill)`` and
+    ``on_warning(warning, notification)``.
+    """
+
+    def __init__(
+        self,
+        plan: RunPlan,
+        result: RunResult,
+        on_violation: Callable[[Violation, bool], object],
+        on_warning: Callable[[dict[str, Any], dict[str, Any]], object],
+    ) -> None:
+        self.plan = plan
+        self.result = result
+        self._on_violation = on_violation
+        self._on_warning = on_warning
+        self._warned: set[str] = set()
+        self._alerted: set[tuple[str, float]] = set()
+
+    def judge(self, checks: Iterable[Check]) -> None:
+        """A breach for each limit past its value, else maybe an alert."""
+        for name, used, limit, how in checks:
+            if used > limit:
+                self.breach(name, used, limit, how)
+            else:
+                self.alert(name, used, limit)
+
+    def breach(self, limit: str, observed: float | None, value: Any, how: str) -> None:
+        """A limit was broken: the run's violation, unless it has one (or warned of it)."""
+        res = self.result
+        if res.violation is not None or limit in self._warned:
+            return
+        from .result import Violation, breach_message
+
+        violation = Violation(limit, observed, value, breach_message(limit, observed, value, how))
+        res.violation = violation
+        if not self.plan.kills:
+            self._warned.add(limit)
+        self._on_violation(violation, self.plan.kills)
+
+    def alert(
+        self,
+        limit: str,
+        used: float,
+        value: float,
+        fractions: tuple[float, ...] = ALERTS,
+        scope: str | None = None,
+    ) -> None:
+        """At each alert fraction of a limit, once per run: a warning (and a notification
+        for the child)."""
+        for frac in fractions:
+            key = (f"{scope}.{limit}" if scope else limit, frac)
+            if used < frac * value or key in self._alerted:
+                continue
+            self._alerted.add(key)
+            from .result import alert_message
+
+            message = alert_message(limit, used, value, frac, scope)
+            warning: dict[str, Any] = {
+                "limit": limit,
+                "fraction": frac,
+                "observed": used,
+                "limit_value": value,
+                "message": message,
+            }
+            note: dict[str, Any] = {
+                "limit": limit,
+                "used": used,
+                "limit_value": value,
+                "fraction": frac,
+            }
+            if scope:
+                warning["scope"] = note["scope"] = scope
+            self._on_warning(warning, note)
+
+    def kernel_kill(
+        self,
+        pid: int,
+        wstatus: int,
+        cpu: float,
+        shown: float,
+        killed_by_us: bool,
+        sigxfsz: Callable[[], tuple[str, int | None]] | None,
+    ) -> None:
+        """A process of the tree died: a breach if the kernel enforced a limit on it.
+
+        ``sigxfsz()`` says which limit a SIGXFSZ stands for now (file_size, or a
+        workspace cap that RLIMIT_FSIZE carries).
+        """
+        cpu_limit = self.plan.max.cpu_time
+        found = kernel_breach(wstatus, cpu, shown, cpu_limit, killed_by_us)
+        if found is None:
+            return
+        limit, observed, name = found
+        if limit == "cpu_time":
+            self.breach(limit, observed, cpu_limit, f"{name}, pid {pid}")
+            return
+        limit, value = sigxfsz() if sigxfsz is not None else ("file_size", self.plan.max.file_size)
+        self.breach(limit, None, value, f"a write past it, {name}, pid {pid}")
+
+    def tree_cpu(self, used: float) -> None:
+        """The tree's exact CPU total (the reaper's rusage, at the end) against cpu_time."""
+        cpu = self.plan.max.cpu_time
+        if cpu is not None and used > cpu and self.result.violation is None:
+            self.breach("cpu_time", used, cpu, "tree CPU")
