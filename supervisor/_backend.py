@@ -70,9 +70,10 @@ class BudgetEvents:
     ) -> None:
         self.result, self.verdicts, self.log = result, verdicts, log
         self.on_usage, self.on_lost = on_usage, on_lost
+        self.via: dict[str, Any] | None = None  # set by the gateway's calls: said by denials
 
     def budget_denied(self, error: BudgetError | StoreUnavailable) -> None:
-        self.log.denied(error)
+        self.log.denied(error, self.via)
 
     def budget_breached(self, error: BudgetExceeded) -> None:
         how = f"{error.scope} {error.key}, spend recorded"
@@ -347,20 +348,22 @@ def open_rpc(
     verdicts: Verdicts,
     on_usage: Callable[[dict[str, Any]], None] | None,
     on_lost: Callable[[SupervisorError], None],
-) -> tuple[RunBackend, RpcServer] | None:
+    gateway: bool = False,
+) -> tuple[RunBackend, RpcServer, BudgetEvents] | None:
     """The budget RPC of a run, when the policy has something to ask it for (a budget, a
     workspace's check_write, steps); None when it has not.  The ledger opens here, so an
     unreachable store fails the run (125) before the command starts; holds of runs whose
     supervisor died are settled and logged."""
-    if plan.budget is None and plan.workspace is None and plan.max.step_time is None:
+    budget = {} if plan.budget is None and gateway else plan.budget  # usage counted, no limit
+    if budget is None and plan.workspace is None and plan.max.step_time is None:
         return None
     from .rpc import RpcServer
 
     ledger = None
-    if plan.budget is not None:
+    if budget is not None:
         agent = result.agent or "default"
         ledger, recovered = open_ledger(
-            plan.budget, run_id=result.run_id, agent=agent, session=result.session
+            budget, run_id=result.run_id, agent=agent, session=result.session
         )
         for dead_run, s in recovered:
             log.recovered(dead_run, agent, s)
@@ -372,7 +375,7 @@ def open_rpc(
         log.log("rpc_error", action="reply", detail=detail)
 
     rpc = RpcServer(backend, run_id=result.run_id, agent=result.agent or "", on_error=rpc_error)
-    return backend, rpc
+    return backend, rpc, events
 
 
 def open_ledger(

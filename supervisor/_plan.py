@@ -86,6 +86,7 @@ class RunPlan:
         "budget",
         "env_inherit",
         "env_set",
+        "gateway",
         "grace",
         "limits",
         "max",
@@ -116,6 +117,7 @@ class RunPlan:
         self.workspace: dict[str, Any] | None = data.get("workspace")
         self.network: str = data.get("network", "allow")
         self.budget: dict[str, Any] | None = data.get("budget")
+        self.gateway: dict[str, Any] | str | None = data.get("gateway")
 
     @classmethod
     def from_policy(cls, policy: Policy) -> RunPlan:

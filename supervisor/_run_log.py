@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .audit import AuditLog
     from .budget.ledger import Settled
     from .errors import BudgetError, StoreUnavailable
+    from .gateway import Gateway
     from .result import RunResult, Violation
     from .spawn import Child
 
@@ -134,14 +135,18 @@ class RunLog:
             detail=w["message"],
         )
 
-    def denied(self, error: BudgetError | StoreUnavailable) -> None:
-        """A budget call was refused (throttled: see ``TokenBucket``)."""
+    def denied(
+        self, error: BudgetError | StoreUnavailable, via: dict[str, Any] | None = None
+    ) -> None:
+        """A budget call was refused (throttled: see ``TokenBucket``); ``via``: the gateway's
+        call (``{"via": "gateway", "model", "provider", "label"}``) makes the detail a mapping."""
         if not self._denials.take():
             return
-        detail = str(error)
+        message = str(error)
         quiet = self._denials.pop_suppressed()
         if quiet:
-            detail += f" ({quiet} more denials not logged one by one)"
+            message += f" ({quiet} more denials not logged one by one)"
+        detail: str | dict[str, Any] = message if via is None else {"message": message, **via}
         self.log(
             "denied",
             limit=getattr(error, "limit", None),
@@ -210,6 +215,7 @@ class RunLog:
         confine: Confinement,
         rlimits: list[str],
         processes_cap: str | None,
+        gateway: Gateway | None = None,
     ) -> None:
         """``run_start``: the command, the policy, and what is enforced, from evidence."""
         self.log(
@@ -228,6 +234,7 @@ class RunLog:
                     "watched": ["memory", "cpu_time", "processes", "open_files"],
                     "processes_kernel_cap": processes_cap,
                     **confine.enforced(),
+                    "gateway": _gateway_evidence(gateway),
                 },
             },
         )
@@ -256,3 +263,14 @@ class RunLog:
         except SupervisorError as e:
             res.error = res.error or str(e)
         self.audit.close()
+
+
+def _gateway_evidence(gw: Gateway | None) -> dict[str, Any] | None:
+    """What ``run_start`` records of the gateway: where it listens, whom it serves (no key)."""
+    if gw is None:
+        return None
+    providers = {
+        p.name: {"kind": p.kind, "upstream": p.upstream, "custody": p.key is not None}
+        for p in gw.providers.values()
+    }
+    return {"url": gw.url, "providers": providers}

@@ -22,7 +22,9 @@ from .errors import SupervisorError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
+    from typing import Any
 
+    from .gateway import Gateway
     from .spawn import Child, Signalled
 
 # How long the reaper may take to empty the tree after SIGKILL before it is presumed stuck.
@@ -244,3 +246,25 @@ def reap_reaper(child: Child) -> float | None:
     finally:
         child.reaper_pid = 0
     return float(ru.ru_utime + ru.ru_stime)
+
+
+def poll_unlocked(poller: select.poll, timeout: float, lock: Any) -> list[tuple[int, int]]:
+    """``poller.poll(timeout)`` (seconds) with ``lock`` released while it waits: the run's
+    thread holds it otherwise, and the gateway's thread takes it for its backend calls."""
+    lock.release()
+    try:
+        return poller.poll(timeout * 1000 + 0.5)
+    finally:
+        lock.acquire()
+
+
+def close_unlocked(gateway: Gateway | None, lock: Any) -> None:
+    """Close the gateway (calls in flight finish and settle) with ``lock`` released: their
+    last backend calls need it."""
+    if gateway is None:
+        return
+    lock.release()
+    try:
+        gateway.close()
+    finally:
+        lock.acquire()

@@ -41,6 +41,7 @@ from supervisor._yaml import CYCLE, Loc, dotted, line_of, read_yaml, yaml_proble
 from supervisor._yaml import walk as walk_yaml
 from supervisor.budget._policy import BudgetPolicy, RateLimits, ScopeLimits
 from supervisor.errors import PolicyError
+from supervisor.gateway._policy import GatewayPolicy, ProviderPolicy
 
 __all__ = ["AuditPolicy", "EnvPolicy", "Limits", "Policy", "WorkspacePolicy"]
 
@@ -206,6 +207,7 @@ class Policy(_Model):
     limits: Limits = Field(default_factory=Limits)
     workspace: WorkspacePolicy | None = None
     network: Literal["allow", "deny"] = "allow"
+    gateway: GatewayPolicy = Field(default_factory=GatewayPolicy)
     on_violation: Literal["kill", "warn"] = "kill"
     grace: Annotated[float, BeforeValidator(parse_duration)] = 2.0
     env: EnvPolicy = Field(default_factory=EnvPolicy)
@@ -388,6 +390,8 @@ _SECTIONS: dict[Loc, type[BaseModel]] = {
     **{("budget", scope): ScopeLimits for scope in ("run", "session", "daily", "monthly")},
     ("budget", "rate"): RateLimits,
     ("audit",): AuditPolicy,
+    ("gateway",): GatewayPolicy,
+    **{("gateway", "providers", name): ProviderPolicy for name in ("openai", "anthropic")},
 }
 
 

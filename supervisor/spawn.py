@@ -71,12 +71,22 @@ def build_reaper(source: str, target: str) -> None:
     os.replace(tmp, target)
 
 
+def _fresh(binary: str, source: str) -> bool:
+    """Whether ``binary`` was built from ``source`` as it is now: not older than it (a 2 s
+    slack for installers that write both at once).  An editable install whose _reaper.c
+    was edited after the build falls back to the cache, built from the current source."""
+    try:
+        return os.stat(binary).st_mtime >= os.stat(source).st_mtime - 2
+    except OSError:
+        return True
+
+
 def reaper_path() -> str:
     """The reaper executable: shipped in the package, else built once into the cache."""
     global _reaper_cache
     if _reaper_cache is not None:
         return _reaper_cache
-    if os.access(_PACKAGED, os.X_OK):
+    if os.access(_PACKAGED, os.X_OK) and _fresh(_PACKAGED, _SOURCE):
         _reaper_cache = _PACKAGED
         return _reaper_cache
     from ._hash import sha256

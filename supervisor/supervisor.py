@@ -11,13 +11,14 @@ reaper's words), ``spawn`` (the reaper and its events), ``watch`` (samples and c
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
 import signal
 import sys
 import time
 
-from . import _stop, spawn, watch
+from . import _gateway_run, _stop, spawn, watch
 from ._confine import Confinement
 from ._hooks import HookRunner, call_quietly
 from ._plan import RunPlan
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from typing import IO, Any
 
     from ._backend import RunBackend
+    from .gateway import Gateway
     from .policy import Policy
     from .result import Usage, Violation
     from .rpc import RpcServer
@@ -125,6 +127,8 @@ class Run:
         self.confine: Confinement | None = None
         self.rpc: RpcServer | None = None
         self.backend: RunBackend | None = None
+        self.gateway: Gateway | None = None
+        self.lock = _thread.allocate_lock()  # held but in poll(): see _gateway_run
         self.log = RunLog(None, self.result, self._fail_closed)
         self.hooks = HookRunner(self.log.hook_failed)
 
@@ -144,7 +148,8 @@ class Run:
         if self._pending_signal:  # interrupted before it started
             self.wake.poke()
         try:
-            return self._execute(t0)
+            with self.lock:
+                return self._execute(t0)
         finally:
             self._close()
 
@@ -161,7 +166,7 @@ class Run:
             self.rpc.close_child_end()
         try:
             evidence = nproc_evidence(self.plan, child.pid)
-            self.log.start(self.plan, self.argv, child, confine, rlimits, evidence)
+            self.log.start(self.plan, self.argv, child, confine, rlimits, evidence, self.gateway)
             self._logged_start = True
             for message in confine.warnings:
                 self.log.log("warning", action="fallback", detail=message)
@@ -173,7 +178,9 @@ class Run:
         except SupervisorError as e:  # e.g. the audit log failed: fail closed
             self.stopper.kill_now()
             _stop.drain(child)
+            _stop.close_unlocked(self.gateway, self.lock)
             return self._failed(e, t0)
+        _stop.close_unlocked(self.gateway, self.lock)  # calls in flight settle before holds
         return self._finish(t0)
 
     def _spawn(self) -> tuple[Child, list[str]]:
@@ -201,15 +208,20 @@ class Run:
     def _open_rpc(self, env: dict[str, str]) -> tuple[int, ...]:
         from ._backend import open_rpc
 
+        providers = _gateway_run.wanted(self.plan)
         hook, hooks, confine = self.sup.on_usage, self.hooks, self.confine
         on_usage = None if hook is None else lambda event: hooks.call("on_usage", hook, event)
         assert confine is not None
         opened = open_rpc(self.plan, self.result, confine.workspace, self.log, self.verdicts,
-                          on_usage, lambda e: self._fail_closed(e, at_once=False))  # fmt: skip
+                          on_usage, lambda e: self._fail_closed(e, at_once=False),
+                          gateway=providers is not None)  # fmt: skip
         if opened is None:
             return ()
-        self.backend, self.rpc = opened
+        self.backend, self.rpc, events = opened
         env.update(self.rpc.child_env())
+        if providers:
+            self.gateway = _gateway_run.open_gateway(
+                providers, self.plan, self.backend, events, self.lock, self.wake, env)  # fmt: skip
         return (self.rpc.child_fd,)
 
     def _fail_closed(self, error: SupervisorError, at_once: bool = True) -> None:
@@ -263,7 +275,7 @@ class Run:
                 continue
             due = (wall_at, stopper.deadline(), sample_at, step and step[0])
             timeout = max(0.0, min(d for d in due if d is not None) - now)
-            for fd, _ in poller.poll(timeout * 1000 + 0.5):
+            for fd, _ in _stop.poll_unlocked(poller, timeout, self.lock):
                 if fd == self.wake.r:
                     self._on_wake()
                 elif fd == storage_fd:
@@ -335,7 +347,7 @@ class Run:
     # -- the end -------------------------------------------------------------------
 
     def _close(self) -> None:
-        for part in (self.confine, self.rpc, self.backend, self.child):
+        for part in (self.gateway, self.confine, self.rpc, self.backend, self.child):
             if part is not None:
                 part.close()  # the child's: the reaper kills what is left, and is reaped
         self.wake.close()

@@ -23,7 +23,26 @@ from supervisor.gateway._usage import WireUsage, from_json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from supervisor.gateway._server import Gateway
+
+    class Meter(Protocol):
+        """What the gateway calls: the budget RPC's ``Backend`` less what only a child asks
+        (record, check_write, steps)."""
+
+        def reserve(self, *, model: str, provider: str | None, input_tokens: int,
+                    max_output_tokens: int, usd: Decimal | None, label: str | None,
+                    key: str | None) -> dict[str, Any]: ...  # fmt: skip
+
+        def commit(self, reservation: str, *, input_tokens: int, output_tokens: int,
+                   cached_input_tokens: int, cache_write_tokens: int, reasoning_tokens: int,
+                   usd: Decimal | None) -> dict[str, Any]: ...  # fmt: skip
+
+        def release(self, reservation: str) -> dict[str, Any]: ...
+
+        def usage(self) -> dict[str, Any]: ...
+
 
 DEFAULT_OUTPUT = 4096  # a hold's output when the request names none and the budget has no cap
 IMAGE_TOKENS = 6400  # an image or file given by reference: more than any model charges for one

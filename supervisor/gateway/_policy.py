@@ -90,6 +90,13 @@ class GatewayPolicy(_Model):
             return {}
         return value
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML 1.1: `mode: on` is a boolean
+            return "on" if value else "off"
+        return value
+
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:

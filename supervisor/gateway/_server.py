@@ -33,7 +33,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from supervisor._rpc_methods import Backend
+    from supervisor.gateway._call import Meter as Backend
 
 __all__ = ["Gateway"]
 

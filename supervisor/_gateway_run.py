@@ -1,0 +1,127 @@
+"""The LLM gateway in a run: whether it is on, its backend adapter, and the child's env.
+
+``gateway: auto`` (the default) is on when the policy has a budget and supervise holds a
+provider key; ``on`` is on whatever (a provider whose key supervise does not hold passes
+the client's own key: custody off), with a ledger without limits when the policy has no
+budget (usage is still counted); ``off`` never.  The gateway (``supervisor.gateway``,
+aiohttp) is imported only when it is on.
+
+Threads: the gateway serves on a thread of its own; every call it makes into the run's
+budget backend holds the run's lock, which the run's own thread holds except while it
+waits in ``poll()``.  So the ledger, the verdicts and the stop are only ever touched by one
+thread at a time, and the run's loop is woken after each call (a denial may have begun a
+stop, whose deadlines the loop must see).
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from decimal import Decimal
+    from typing import Any
+
+    from ._backend import BudgetEvents, RunBackend
+    from ._plan import RunPlan
+    from ._stop import Wake
+    from .gateway import Gateway, GatewayPolicy, Provider
+
+
+def _section(plan: RunPlan) -> GatewayPolicy:
+    from .gateway import GatewayPolicy
+
+    return GatewayPolicy.model_validate(plan.gateway)
+
+
+def wanted(plan: RunPlan, environ: dict[str, str] | None = None) -> list[Provider] | None:
+    """The providers the run's gateway serves, or None when it is off."""
+    mode = _mode(plan.gateway)
+    if mode == "off" or (mode == "auto" and plan.budget is None):
+        return None
+    from .gateway import resolve
+
+    environ = dict(os.environ) if environ is None else environ
+    providers = resolve(_section(plan), environ, keyless=mode == "on")
+    return providers or None
+
+
+def _mode(section: object) -> str:
+    """``gateway:``'s mode without validating it (the policy was validated already)."""
+    if section is None:
+        return "auto"
+    if isinstance(section, bool):
+        return "on" if section else "off"
+    if isinstance(section, str):
+        return section
+    if isinstance(section, dict):
+        return str(section.get("mode") or "auto")
+    return "auto"
+
+
+class GatewayBackend:
+    """The run's ``RunBackend`` as the gateway sees it: a denial's audit line says
+    ``via: gateway`` (with the model and label), and the run's loop is woken after each
+    call.  The gateway holds the run's lock around every call (``Gateway(lock=...)``)."""
+
+    def __init__(self, backend: RunBackend, events: BudgetEvents, wake: Wake) -> None:
+        self.backend, self.events, self.wake = backend, events, wake
+        self.ledger = backend.ledger
+
+    def reserve(self, *, model: str, provider: str | None, input_tokens: int,
+                max_output_tokens: int, usd: Decimal | None, label: str | None,
+                key: str | None) -> dict[str, Any]:  # fmt: skip
+        self.events.via = {"via": "gateway", "provider": provider, "model": model, "label": label}
+        try:
+            return self.backend.reserve(model=model, provider=provider, input_tokens=input_tokens,
+                                        max_output_tokens=max_output_tokens, usd=usd,
+                                        label=label, key=key)  # fmt: skip
+        finally:
+            self.events.via = None
+            self.wake.poke()
+
+    def commit(self, reservation: str, *, input_tokens: int, output_tokens: int,
+               cached_input_tokens: int, cache_write_tokens: int, reasoning_tokens: int,
+               usd: Decimal | None) -> dict[str, Any]:  # fmt: skip
+        try:
+            return self.backend.commit(
+                reservation, input_tokens=input_tokens, output_tokens=output_tokens,
+                cached_input_tokens=cached_input_tokens, cache_write_tokens=cache_write_tokens,
+                reasoning_tokens=reasoning_tokens, usd=usd,
+            )  # fmt: skip
+        finally:
+            self.wake.poke()
+
+    def release(self, reservation: str) -> dict[str, Any]:
+        return self.backend.release(reservation)
+
+    def usage(self) -> dict[str, Any]:
+        return self.backend.usage()
+
+
+def open_gateway(
+    providers: list[Provider],
+    plan: RunPlan,
+    backend: RunBackend,
+    events: BudgetEvents,
+    lock: Any,
+    wake: Wake,
+    env: dict[str, str],
+    sock: socket.socket | None = None,
+) -> Gateway:
+    """Start the run's gateway; ``env`` (the child's) gets its variables, and loses every
+    provider key whatever ``env.inherit`` said."""
+    import secrets
+
+    from .gateway import Gateway, key_variables
+
+    section = _section(plan)
+    gw = Gateway(GatewayBackend(backend, events, wake), providers,
+                 token=secrets.token_urlsafe(32), lock=lock, sock=sock,
+                 listen=section.listen)  # fmt: skip
+    gw.start()
+    scrubbed = gw.scrub_env(env, key_variables(section))
+    env.clear()
+    env.update(scrubbed)
+    return gw
