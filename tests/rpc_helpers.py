@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
-from conftest import GLOBAL_TIMEOUT
+from _helpers import GLOBAL_TIMEOUT
 
 from supervisor.errors import BudgetExceeded, RateLimited
 from supervisor.rpc import RpcServer

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, run_together, supervise, wait_until
+from _helpers import GLOBAL_TIMEOUT, python, run_together, supervise, wait_until
 
 from supervisor import audit
 from supervisor.audit import AuditLog, log_files, read_events, verify

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise
+from _helpers import GLOBAL_TIMEOUT, python, supervise
 
 from supervisor import Policy, Supervisor
 from supervisor.audit import read_events

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, RedisServer, free_port, python, supervise
+from _helpers import GLOBAL_TIMEOUT, RedisServer, free_port, python, supervise
 
 from supervisor import Policy, Supervisor
 from supervisor.audit import read_events, verify

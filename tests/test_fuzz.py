@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT
+from _helpers import GLOBAL_TIMEOUT
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from conftest import python
+from _helpers import python
 
 from supervisor import Policy, Supervisor
 from supervisor.audit import read_events

@@ -20,18 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise, tagged_pids
+from _helpers import (
+    GLOBAL_TIMEOUT,
+    needs_landlock,
+    needs_landlock_scope,
+    python,
+    supervise,
+    tagged_pids,
+)
 
 from supervisor import Policy, Supervisor
 from supervisor._audit_view import summarize
-from supervisor._linux import landlock_abi
 from supervisor.audit import read_events, verify
 
-ABI = landlock_abi() or 0
 ROOT = os.geteuid() == 0
 KiB, MiB = 1 << 10, 1 << 20
-needs_scope = pytest.mark.skipif(ABI < 6, reason="signal scoping needs Landlock ABI 6")
-needs_landlock = pytest.mark.skipif(ABI == 0, reason="this kernel has no Landlock")
 
 
 def policy(**sections: Any) -> Policy:
@@ -264,7 +267,7 @@ def test_a_stopped_process_still_gets_to_handle_sigterm(tmp_path: Path) -> None:
 # -- the supervisor and the reaper ----------------------------------------------------------
 
 
-@needs_scope
+@needs_landlock_scope
 def test_tree_cannot_kill_stop_or_ptrace_the_reaper_or_supervise() -> None:
     """kill -9 and -STOP of getppid() and of supervise, a pidfd signal, PTRACE_SEIZE: all
     refused; supervise (a separate process here) finishes the run normally."""

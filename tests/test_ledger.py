@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, RedisServer, python
+from _helpers import GLOBAL_TIMEOUT, RedisServer, python
 
 from supervisor.budget._policy import BudgetPolicy
 from supervisor.budget.ledger import Ledger, default_store_url, open_store

@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise
+from _helpers import GLOBAL_TIMEOUT, python, supervise
 
 from supervisor.audit import read_events, verify
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import python, supervise
+from _helpers import python, supervise
 
 from supervisor import Policy, Supervisor
 from supervisor._audit_view import summarize

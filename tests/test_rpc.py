@@ -12,7 +12,7 @@ import time
 from decimal import Decimal
 
 import pytest
-from conftest import GLOBAL_TIMEOUT
+from _helpers import GLOBAL_TIMEOUT
 from rpc_helpers import Ledger, read_line, serving
 
 from supervisor import client

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise, tagged_pids, wait_until
+from _helpers import (
+    GLOBAL_TIMEOUT,
+    needs_landlock_scope,
+    python,
+    supervise,
+    tagged_pids,
+    wait_until,
+)
 
 from supervisor import Policy, Supervisor
 from supervisor.audit import read_events, verify
@@ -449,12 +456,9 @@ def test_supervise_sigkilled_leaves_nothing_alive(no_leftovers: str) -> None:
     assert wait_until(lambda: not tagged_pids(no_leftovers), timeout=5)
 
 
+@needs_landlock_scope
 def test_tree_cannot_signal_the_reaper_or_supervise() -> None:
     """Landlock's signal scope: kill -9 / -STOP of the reaper or of supervise is refused."""
-    from supervisor._linux import landlock_abi
-
-    if (landlock_abi() or 0) < 6:
-        pytest.skip("signal scoping needs Landlock ABI 6")
     script = (
         "for sig in KILL STOP; do for pid in $PPID $SUPERVISE_PID; do "
         "kill -$sig $pid 2>/dev/null && echo sent || echo refused; done; done"

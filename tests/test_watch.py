@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise, tagged_pids, wait_until
+from _helpers import GLOBAL_TIMEOUT, python, supervise, tagged_pids, wait_until
 from test_run import events, run
 
 from supervisor import Policy, Supervisor

@@ -11,15 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise, wait_until
+from _helpers import (
+    GLOBAL_TIMEOUT,
+    HAS_LANDLOCK,
+    LANDLOCK_ABI,
+    needs_landlock,
+    python,
+    supervise,
+    wait_until,
+)
 
 from supervisor import Policy, Supervisor, Workspace, WorkspaceError
-from supervisor._linux import landlock_abi
 from supervisor._quota import QuotaTracker
 from supervisor.audit import read_events
 
-ABI = landlock_abi()
-needs_landlock = pytest.mark.skipif(ABI is None, reason="this kernel has no Landlock")
 KiB, MiB = 1 << 10, 1 << 20
 
 
@@ -223,7 +228,7 @@ def test_run_start_records_the_jail(places: tuple[Path, Path], audit_log: Path) 
     run("pass", ws=ws)
     start = next(e for e in read_events(audit_log) if e["event"] == "run_start")
     enforced = start["detail"]["enforced"]
-    assert enforced["landlock"] == {"abi": ABI, "writes": "workspace", "reads": "all"}
+    assert enforced["landlock"] == {"abi": LANDLOCK_ABI, "writes": "workspace", "reads": "all"}
     assert enforced["workspace"] == str(ws)
     assert enforced["quota"] == "inotify + RLIMIT_FSIZE"
 
@@ -233,7 +238,7 @@ def test_missing_writable_path_is_a_clear_error(places: tuple[Path, Path]) -> No
     leave the jail looser or tighter than the policy says."""
     ws, outside = places
     result = run("pass", ws=ws, writable=[str(outside / "nope")])
-    if ABI is None:
+    if not HAS_LANDLOCK:
         pytest.skip("without Landlock the jail is not built")
     assert result.exit_code == 125
     assert "workspace.writable" in result.error and "does not exist" in result.error
