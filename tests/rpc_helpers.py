@@ -155,7 +155,12 @@ class Served:
     def do(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` in the loop thread (the server is single-threaded, as in a run)."""
         done = threading.Event()
-        self._jobs.put(lambda: (fn(), done.set()))
+
+        def job() -> None:
+            fn()
+            done.set()
+
+        self._jobs.put(job)
         assert done.wait(GLOBAL_TIMEOUT)
 
     def raw(self) -> socket.socket:
