@@ -35,9 +35,13 @@ time.sleep(60)
 
 
 def daily(fresh_store: str, agent: str) -> dict[str, Any]:
+    """The daily scope's usd figures that ``supervise budget status --json`` shows for ``agent``."""
     done = supervise("budget", "status", "--agent", agent, "--store", fresh_store, "--json")
     assert done.returncode == 0, done.stderr
-    return next(s for s in json.loads(done.stdout)["scopes"] if s["scope"] == "daily")["usd"]
+    usd: dict[str, Any] = next(
+        s for s in json.loads(done.stdout)["scopes"] if s["scope"] == "daily"
+    )["usd"]
+    return usd
 
 
 def test_supervise_sigkilled_holds_settled_by_the_next_run(
@@ -266,6 +270,7 @@ def test_wall_clock_jump_does_not_move_the_wall_limit(monkeypatch: pytest.Monkey
     start = time.monotonic()
     result = Supervisor(policy, on_warning=jump).run(python("import time; time.sleep(30)"))
     took = time.monotonic() - start
+    assert result.violation is not None
     assert jumped.is_set() and result.exit_code == 124 and result.violation.limit == "wall_time"
     assert 0.95 <= result.usage.wall_time < 1.5 and took < 5
 

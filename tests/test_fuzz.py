@@ -67,7 +67,9 @@ def fuzz(examples: int) -> Callable[[Any], Any]:
 SECTIONS = _SECTIONS  # the schema's own sections: the audit section is fuzzed like the rest
 NAMED = {("env", "set"): None, ("budget", "pricing"): ModelPricing}  # keys are names
 KEY_PATHS = sorted(
-    ".".join((*section, key)) for section, model in SECTIONS.items() for key in model.model_fields
+    ".".join(str(part) for part in (*section, key))
+    for section, model in SECTIONS.items()
+    for key in model.model_fields
 )
 
 # Scalars as written in YAML: units, YAML 1.1 surprises, tags, escapes, and the values
@@ -119,6 +121,7 @@ def trees(draw: st.DrawFn, section: tuple[str, ...] = (), depth: int = 0) -> Any
         if named:
             keys = st.one_of(st.sampled_from(["m", "gpt-4o-mini", "A", "B.C"]), odd_keys)
         else:
+            assert model is not None
             keys = st.one_of(st.sampled_from(sorted(model.model_fields)), odd_keys)
             keys = keys if roll else st.sampled_from(sorted(model.model_fields))
         names = draw(st.lists(keys, max_size=6))
@@ -151,7 +154,8 @@ class Renderer:
     def flow(self, node: Any) -> str:
         kind = node[0]
         if kind == "scalar":
-            return self.anchor(node[2]) + node[1]
+            text: str = node[1]
+            return self.anchor(node[2]) + text
         if kind == "alias":
             return self.alias(node[1])
         anchor = self.anchor(node[3])

@@ -137,6 +137,7 @@ def test_fork_bomb_ignoring_sigterm_is_stopped_quickly_and_capped(no_leftovers: 
     t = time.monotonic()
     result = Supervisor(policy(limits={"processes": 32, "wall_time": "30s"})).run(python(FORK_BOMB))
     assert (result.status, result.exit_code) == ("violation", 124)
+    assert result.violation is not None
     assert result.violation.limit in ("processes", "memory")
     assert time.monotonic() - t < 10
     assert tagged_pids(no_leftovers) == []
@@ -210,6 +211,7 @@ def test_escapees_are_killed_at_the_end_of_the_run(
     if end == "exit":
         assert (result.status, result.exit_code) == ("ok", 0)
     else:
+        assert result.violation is not None
         assert (result.exit_code, result.violation.limit) == (124, "wall_time")
     assert tagged_pids(no_leftovers) == []
     for line in log.read_text().splitlines() if log.exists() else []:
@@ -224,6 +226,7 @@ def test_sigterm_ignored_by_an_escapee_is_named_in_the_message(tmp_path: Path) -
     result = Supervisor(policy(limits={"wall_time": "2s"})).run([*python(code), str(log)])
     assert result.exit_code == 124 and time.monotonic() - t < 6
     pid = log.read_text().split()[0]
+    assert result.violation is not None
     assert f"{pid} ignored SIGTERM" in result.violation.message
 
 
@@ -240,6 +243,7 @@ def test_a_stopped_tree_still_counts_wall_time_and_is_killed(no_leftovers: str) 
     )
     t = time.monotonic()
     result = Supervisor(policy(limits={"wall_time": "500ms"})).run(python(code))
+    assert result.violation is not None
     assert (result.exit_code, result.violation.limit) == (124, "wall_time")
     assert time.monotonic() - t < 4
     assert tagged_pids(no_leftovers) == []
@@ -261,6 +265,7 @@ def test_a_stopped_process_still_gets_to_handle_sigterm(tmp_path: Path) -> None:
     pol = Policy.from_dict({"limits": {"wall_time": "500ms"}, "grace": "2s"})
     result = Supervisor(pol).run([*python(code), str(done)])
     assert result.exit_code == 124 and done.exists()
+    assert result.violation is not None
     assert "ignored SIGTERM" not in result.violation.message
 
 
@@ -726,7 +731,7 @@ def test_huge_argv_or_environment_is_a_clear_failure(argv: list[str], env: Any) 
     """E2BIG is "cannot execute" (126) with a message that names the cause, not a crash
     and not a fault of supervise's helper."""
     result = Supervisor(policy()).run(argv, env=env)
-    assert (result.status, result.exit_code) == ("failed", 126)
+    assert (result.status, result.exit_code) == ("failed", 126) and result.error is not None
     assert "too long" in result.error and "reaper" not in result.error, result.error
 
 

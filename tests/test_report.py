@@ -12,6 +12,7 @@ import json
 import subprocess
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,7 @@ def test_report_by_day_and_chart_over_several_days(tmp_path: Path) -> None:
         for agent in ("a", "b"):
             with Ledger.open(
                 budget, run_id=f"{day}-{agent}", agent=agent, session=None, store=url,
-                clock=lambda at=at: at, hold_ttl=60,
+                clock=partial(float, at), hold_ttl=60,
             ) as ledger:  # fmt: skip
                 hold = ledger.reserve(model="m1", input_tokens=1000 * (n + 1), label="x")
                 if agent == "a":

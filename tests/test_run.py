@@ -28,7 +28,9 @@ from supervisor.audit import read_events, verify
 
 def policy(**limits: Any) -> Policy:
     """A policy with only the given limits (everything else off), grace 0.5 s."""
-    extra = {k: limits.pop(k) for k in ("on_violation", "grace", "env") if k in limits}
+    extra: dict[str, Any] = {
+        k: limits.pop(k) for k in ("on_violation", "grace", "env") if k in limits
+    }
     return Policy.from_dict({"limits": limits, "grace": "500ms", **extra})
 
 
@@ -482,6 +484,7 @@ def test_tree_cannot_forge_the_reapers_reports() -> None:
     env = {**os.environ, "SUPERVISE_PID": str(os.getpid())}
     result = Supervisor(policy(wall_time="700ms")).run(["sh", "-c", script], env=env)
     assert (result.status, result.exit_code) == ("violation", 124)
+    assert result.violation is not None
     assert result.violation.limit == "wall_time"
 
 
