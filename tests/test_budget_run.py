@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -341,8 +340,7 @@ def test_sigterm_to_supervise_settles_open_holds(tmp_path: Path) -> None:
     ]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == b"holding\n"
-        time.sleep(0.1)
+        assert proc.stdout.readline() == b"holding\n"  # the hold is granted
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=GLOBAL_TIMEOUT) == 128 + signal.SIGTERM
     assert len(events(audit, "unsettled")) == 1

@@ -501,27 +501,33 @@ def test_embedding_program_that_ignores_sigchld() -> None:
     assert done.stdout.split() == ["ok", "3"], done.stderr
 
 
+def sleeps(tag: str) -> int:
+    """How many live ``sleep`` processes carry the test's ``tag``."""
+    names = []
+    for pid in tagged_pids(tag):
+        try:
+            names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+        except OSError:
+            pass
+    return names.count("sleep")
+
+
 def test_reaper_killed_from_outside_fails_the_run_and_leaves_nothing(no_leftovers: str) -> None:
     """If the reaper dies before the tree is empty: 125, and what was left is killed."""
     sup = Supervisor(policy(wall_time="20s"))
     run_ = sup.start(["sh", "-c", "sleep 100 & setsid sleep 100 & sleep 100"])
+    samples: list[float] = []
+    run_.on_sample = lambda _usage, current: samples.append(current["processes"])
     holder: list[Any] = []
     thread = threading.Thread(target=lambda: holder.append(run_.execute()))
     thread.start()
 
-    def sleeps() -> int:
-        names = []
-        for pid in tagged_pids(no_leftovers):
-            try:
-                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
-            except OSError:
-                pass
-        return names.count("sleep")
-
-    assert wait_until(lambda: sleeps() == 3, timeout=10)
+    assert wait_until(lambda: sleeps(no_leftovers) == 3, timeout=10)
     # The watcher knows the tree from its samples: one escaping into a new session
     # between the last sample and the reaper's death is out of its sight (README).
-    time.sleep(0.3)
+    # Two more samples: the second began after all three sleeps were there.
+    seen = len(samples)
+    assert wait_until(lambda: len(samples) >= seen + 2, timeout=10)
     assert run_.child is not None
     os.kill(run_.child.reaper_pid, signal.SIGKILL)
     thread.join(GLOBAL_TIMEOUT)
@@ -661,7 +667,9 @@ def test_run_async_and_cancel_stops_the_tree(no_leftovers: str) -> None:
     async def main() -> Any:
         done = await sup.run_async(["sh", "-c", "exit 4"])
         task = asyncio.ensure_future(sup.run_async(["sh", "-c", "sleep 100 & sleep 100"]))
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + GLOBAL_TIMEOUT
+        while sleeps(no_leftovers) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # until the tree runs: then cancel it
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
