@@ -27,6 +27,7 @@ from _helpers import (
     python,
     supervise,
     tagged_pids,
+    wait_until,
 )
 
 from supervisor import Policy, Supervisor
@@ -167,18 +168,22 @@ def test_thread_bomb_is_refused_by_the_kernel_cap(no_leftovers: str) -> None:
 
 HOLD = (
     "import os, signal, subprocess, sys, time\n"
-    "def hold():\n"
+    "def hold(*exiting):\n"
     "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    "    time.sleep(0.2)  # the parent that made us has exited by now\n"
+    "    while os.getppid() in exiting:  # until the parents that made us have exited\n"
+    "        time.sleep(0.001)\n"
     "    with open(sys.argv[1], 'a') as f: f.write(f'{os.getpid()} {os.getppid()}\\n')\n"
     "    time.sleep(60)\n"
     "    os._exit(0)\n"
 )
 ESCAPES = {
-    "double fork": "if os.fork() == 0:\n    if os.fork() == 0: hold()\n    os._exit(0)\n",
+    "double fork": (
+        "if os.fork() == 0:\n    m = os.getpid()\n    if os.fork() == 0: hold(m)\n    os._exit(0)\n"
+    ),
     "setsid": "if os.fork() == 0:\n    os.setsid()\n    hold()\n",
     "setsid and double fork": (
-        "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0: hold()\n    os._exit(0)\n"
+        "if os.fork() == 0:\n    os.setsid()\n    m = os.getpid()\n"
+        "    if os.fork() == 0: hold(m)\n    os._exit(0)\n"
     ),
     "nohup": (
         "subprocess.Popen(['nohup', sys.executable, '-c', 'import time; time.sleep(60)'],"
@@ -188,8 +193,10 @@ ESCAPES = {
         "import ctypes\n"
         "if os.fork() == 0:\n"
         "    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER\n"
+        "    s = os.getpid()\n"
         "    if os.fork() == 0:\n"
-        "        if os.fork() == 0: hold()\n"
+        "        m = os.getpid()\n"
+        "        if os.fork() == 0: hold(s, m)\n"
         "        os._exit(0)\n"
         "    os._exit(0)\n"
     ),
@@ -205,7 +212,11 @@ def test_escapees_are_killed_at_the_end_of_the_run(
     is reparented inside the tree, never to init, and is dead when run() returns, whether
     the command exits by itself or is stopped."""
     log = tmp_path / "escapees"
-    tail = "time.sleep(0.5)\n" if end == "exit" else "time.sleep(60)\n"
+    # "exit": the command exits once its escapee is out: it has logged itself, or (nohup)
+    # Popen has returned, which it does once the escapee runs.
+    logged = "while not os.path.exists(sys.argv[1]) or not open(sys.argv[1]).read():\n"
+    wait = "" if how == "nohup" else logged + "    time.sleep(0.01)\n"
+    tail = wait if end == "exit" else "time.sleep(60)\n"
     code = HOLD + ESCAPES[how] + tail
     result = Supervisor(policy(limits={"wall_time": "1s"})).run([*python(code), str(log)])
     if end == "exit":
@@ -563,10 +574,8 @@ def test_a_run_cannot_settle_another_runs_reservation(tmp_path: Path, agent: str
     )
     thread.start()
     try:
-        for _ in range(GLOBAL_TIMEOUT * 50):
-            if os.path.exists(base + ".id"):
-                break
-            time.sleep(0.02)
+        ident = Path(base + ".id")
+        assert wait_until(lambda: ident.exists() and ident.read_text() != "")
         thief, out = output_of(pol, [*python(STEAL), base], agent=agent)
     finally:
         Path(base + ".done").touch()
