@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import GLOBAL_TIMEOUT
+from _helpers import GLOBAL_TIMEOUT, margin
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -371,7 +371,7 @@ def test_a_billion_laughs_alias_bomb_is_refused_quickly(
     """An alias bomb (width ** levels leaves) is refused in well under a second."""
     started = time.perf_counter()
     assert load_text(billion_laughs(levels, width, where)) is None
-    assert time.perf_counter() - started < 2.0
+    assert time.perf_counter() - started < margin(2.0)
 
 
 def test_merge_keys_override_without_a_duplicate_key_error() -> None:
@@ -899,7 +899,7 @@ def test_a_number_with_a_huge_exponent_is_refused_at_once(rig: Rig, line: bytes)
         before = rig.state()
         started = time.perf_counter()
         (reply,) = rig.exchange(line)
-        assert time.perf_counter() - started < 0.5
+        assert time.perf_counter() - started < margin(0.5)
         assert reply["error"]["code"] == -32602 and len(reply["error"]["message"]) < 200
         assert rig.state() == before
 
