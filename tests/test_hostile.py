@@ -147,6 +147,7 @@ def test_fork_bomb_ignoring_sigterm_is_stopped_quickly_and_capped(no_leftovers: 
         assert result.usage.peak_processes <= kernel_cap(32)
 
 
+@pytest.mark.slow
 def test_thread_bomb_is_refused_by_the_kernel_cap(no_leftovers: str) -> None:
     """A thread bomb (one process, so ``processes`` never trips) gets no further than the
     kernel's task cap, then the run ends at its deadline with nothing left."""
@@ -496,6 +497,7 @@ print(f"{worst:.3f}", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_flooding_the_rpc_leaves_supervise_serving_and_the_run_whole(
     tmp_path: Path, audit_log: Path
 ) -> None:
@@ -681,6 +683,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_child_holding_the_ledger_lock_cannot_stall_enforcement(tmp_path: Path) -> None:
     """A jailed child flocks the ledger's lock file (readable, so lockable) and asks for
     budget: the call is denied (store unavailable, fail closed) within seconds, and the
@@ -709,6 +712,7 @@ def test_child_holding_the_ledger_lock_cannot_stall_enforcement(tmp_path: Path) 
     assert "wall_time limit exceeded" in done.stderr
 
 
+@pytest.mark.slow
 def test_child_holding_the_audit_log_lock_cannot_stall_enforcement(tmp_path: Path) -> None:
     """A jailed child flocks the audit log (readable): the deadline must still stop it."""
     log = os.path.join(os.environ["XDG_STATE_HOME"], "supervise", "audit.jsonl")
@@ -823,6 +827,7 @@ def test_sysv_shared_memory_and_message_queues_do_not_outlive_the_run() -> None:
     reason="memory in memfd_create files (and on tmpfs) that is not mapped is not RSS; "
     "only a memory cgroup (not used) would count it; RLIMIT_FSIZE caps each such file",
 )
+@pytest.mark.slow
 def test_memory_hidden_in_memfds_is_counted() -> None:
     """Three 64 MiB memfds (written, never mapped) break a 128 MiB memory limit."""
     code = (

@@ -191,6 +191,7 @@ def test_cpu_time_in_an_orphaned_grandchild_is_a_violation() -> None:
     assert result.violation.limit == "cpu_time"
 
 
+@pytest.mark.slow
 def test_cpu_time_sigxcpu_ignored_still_dies_at_hard_limit() -> None:
     """A child that ignores SIGXCPU is killed at the hard limit (soft + 1 s): still cpu_time."""
     code = "import signal; signal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True: pass"
