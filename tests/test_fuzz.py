@@ -308,6 +308,7 @@ def test_any_text_loads_or_is_a_clear_policy_error(text: str) -> None:
     load_text(text)
 
 
+@pytest.mark.slow
 @fuzz(1000)
 @given(policy_texts())
 @example("limits:\n  open_files: " + "9" * 5000)  # int() refused 4300 digits: ValueError
@@ -335,6 +336,7 @@ def test_structured_policies_load_or_are_clear_policy_errors(text: str) -> None:
     load_text(text)
 
 
+@pytest.mark.slow
 @fuzz(25)
 @given(st.integers(1, 3000), st.sampled_from(["flow-list", "flow-map", "block", "merge-chain"]))
 @example(5000, "flow-list")  # RecursionError in PyYAML's composer
@@ -823,6 +825,7 @@ def huge_exponent_request(field: str) -> bytes:
     return encode({"jsonrpc": "2.0", "id": 1, "method": "reserve", "params": params}).encode()
 
 
+@pytest.mark.slow
 def test_any_request_gets_one_valid_reply_and_only_a_valid_one_touches_the_ledger(
     rig: Rig,
 ) -> None:

@@ -438,6 +438,7 @@ def disk_used(path: Path) -> int:
 NEAR = 20 * MiB * 2
 
 
+@pytest.mark.slow
 def test_four_writers_in_parallel_are_stopped_near_the_quota(tmp_path: Path) -> None:
     """Four processes writing small files at once (ignoring SIGTERM, so writing on through
     grace): seen near the quota (NEAR), and the disk used stays there."""
@@ -457,6 +458,7 @@ def test_four_writers_in_parallel_are_stopped_near_the_quota(tmp_path: Path) -> 
     assert disk_used(ws) <= NEAR
 
 
+@pytest.mark.slow
 def test_quota_holds_while_the_run_loop_is_stalled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
