@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
-from conftest import GLOBAL_TIMEOUT
+from _helpers import GLOBAL_TIMEOUT
 
 from supervisor.errors import BudgetExceeded, RateLimited
 from supervisor.rpc import RpcServer
@@ -155,7 +155,12 @@ class Served:
     def do(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` in the loop thread (the server is single-threaded, as in a run)."""
         done = threading.Event()
-        self._jobs.put(lambda: (fn(), done.set()))
+
+        def job() -> None:
+            fn()
+            done.set()
+
+        self._jobs.put(job)
         assert done.wait(GLOBAL_TIMEOUT)
 
     def raw(self) -> socket.socket:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_together
+from _helpers import run_together
 
 from supervisor import audit
 from supervisor.audit import (

@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Sized
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, run_together, supervise, wait_until
+from _helpers import GLOBAL_TIMEOUT, python, run_together, supervise, wait_until
 
 from supervisor import audit
 from supervisor.audit import AuditLog, log_files, read_events, verify
@@ -146,6 +148,11 @@ def test_two_supervisors_at_once_leave_whole_chained_lines(tmp_path: Path) -> No
         assert kinds[0] == "run_start" and kinds[-1] == "run_end" and "violation" in kinds
 
 
+def has_length(items: Sized, n: int) -> bool:
+    """Whether ``items`` holds exactly ``n`` entries."""
+    return len(items) == n
+
+
 def test_summary_list_and_json_agree(tmp_path: Path) -> None:
     """The default summary, --list and --json read the same events, filters included."""
     log = tmp_path / "audit.jsonl"
@@ -199,7 +206,7 @@ def test_follow_prints_events_as_they_are_written_across_a_rotation(tmp_path: Pa
         with AuditLog(path, max_size=600) as log:
             for i in range(3):
                 log.append("warning", run_id="new", observed=i)
-                assert wait_until(lambda i=i: len(got) == i + 1, timeout=10), got
+                assert wait_until(partial(has_length, got, i + 1), timeout=10), got
         assert len(log_files(path)) > 2  # it rotated while followed
     finally:
         proc.terminate()

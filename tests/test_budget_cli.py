@@ -6,7 +6,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
-from conftest import supervise
+from _helpers import supervise
 
 from supervisor.audit import read_events
 from supervisor.budget._policy import BudgetPolicy

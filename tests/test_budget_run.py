@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise
+from _helpers import GLOBAL_TIMEOUT, python, supervise
 
 from supervisor import Policy, Supervisor
 from supervisor.audit import read_events
@@ -23,7 +22,9 @@ PRICES = {"m1": {"input": 1, "output": 2}}  # USD per million tokens
 
 def budget_policy(tmp_path: Path, **budget: Any) -> Policy:
     """A policy whose budget lives in a SQLite file of this test, priced for model m1."""
-    extra = {k: budget.pop(k) for k in ("limits", "grace", "on_violation") if k in budget}
+    extra: dict[str, Any] = {
+        k: budget.pop(k) for k in ("limits", "grace", "on_violation") if k in budget
+    }
     budget.setdefault("pricing", PRICES)
     budget.setdefault("store", f"sqlite:///{tmp_path}/budget.db")
     return Policy.from_dict({"budget": budget, **extra})
@@ -57,7 +58,8 @@ def test_spend_is_metered_exactly_into_the_run_result(tmp_path: Path, audit_log:
     assert (u.api_calls, u.input_tokens, u.output_tokens) == (3, 2700, 1500)
     assert u.usd == Decimal("0.0057")  # 3 x (900 x 1 + 500 x 2) / 1e6
     assert u.by_model["m1"]["calls"] == 3 and u.by_label["triage"]["usd"] == Decimal("0.0057")
-    assert result.to_dict()["usage"]["by_label"]["triage"]["usd"] == 0.0057
+    usage: Any = result.to_dict()["usage"]  # Any: the JSON form, as --json writes it
+    assert usage["by_label"]["triage"]["usd"] == 0.0057
 
 
 def test_denied_call_is_logged_and_changes_nothing(tmp_path: Path, audit_log: Path) -> None:
@@ -87,6 +89,7 @@ def test_spend_past_the_limit_is_written_then_a_violation(tmp_path: Path, audit_
     )
     policy = budget_policy(tmp_path, run={"usd": 1}, grace="200ms")
     result = Supervisor(policy).run(python(code))
+    assert result.violation is not None
     assert result.exit_code == 124 and result.violation.limit == "usd"
     assert result.usage.usd == Decimal(2)
     (line,) = events(audit_log, "violation")
@@ -141,7 +144,7 @@ def test_unreachable_store_fails_before_the_command(tmp_path: Path, audit_log: P
     marker = tmp_path / "ran"
     policy = budget_policy(tmp_path, run={"usd": 1}, store="redis://127.0.0.1:1/0")
     result = Supervisor(policy).run(python(f"open({str(marker)!r}, 'w')"))
-    assert result.exit_code == 125 and result.status == "failed"
+    assert result.exit_code == 125 and result.status == "failed" and result.error is not None
     assert "unavailable" in result.error and not marker.exists()
     done = supervise("--store", "redis://127.0.0.1:1/0", "--", "true")
     assert done.returncode == 125 and "budget store" in done.stderr
@@ -182,6 +185,7 @@ def test_child_is_told_before_the_kill(tmp_path: Path) -> None:
     )
     policy = budget_policy(tmp_path, run={"calls": 5}, limits={"wall_time": "1s"}, grace="2s")
     result = Supervisor(policy).run([*python(code), str(out)])
+    assert result.violation is not None
     assert result.exit_code == 124 and result.violation.limit == "wall_time"
     notes = [json.loads(line) for line in out.read_text().splitlines()]
     assert ["warning", "calls"] in notes
@@ -203,6 +207,7 @@ def test_step_time(step_time: str | None, code: int, tmp_path: Path, audit_log: 
     result = Supervisor(policy).run(python(child))
     assert result.exit_code == code
     if code:
+        assert result.violation is not None
         assert result.violation.limit == "step_time" and "'search'" in result.violation.message
         (line,) = events(audit_log, "violation")
         assert line["limit"] == "step_time"
@@ -335,8 +340,7 @@ def test_sigterm_to_supervise_settles_open_holds(tmp_path: Path) -> None:
     ]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == b"holding\n"
-        time.sleep(0.1)
+        assert proc.stdout.readline() == b"holding\n"  # the hold is granted
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=GLOBAL_TIMEOUT) == 128 + signal.SIGTERM
     assert len(events(audit, "unsettled")) == 1

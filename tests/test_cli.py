@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import supervise
+from _helpers import supervise
 
 POLICIES = sorted(str(p) for p in Path(__file__).parent.parent.joinpath("policies").glob("*.yaml"))
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT
+from _helpers import GLOBAL_TIMEOUT, margin
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -67,7 +67,9 @@ def fuzz(examples: int) -> Callable[[Any], Any]:
 SECTIONS = _SECTIONS  # the schema's own sections: the audit section is fuzzed like the rest
 NAMED = {("env", "set"): None, ("budget", "pricing"): ModelPricing}  # keys are names
 KEY_PATHS = sorted(
-    ".".join((*section, key)) for section, model in SECTIONS.items() for key in model.model_fields
+    ".".join(str(part) for part in (*section, key))
+    for section, model in SECTIONS.items()
+    for key in model.model_fields
 )
 
 # Scalars as written in YAML: units, YAML 1.1 surprises, tags, escapes, and the values
@@ -119,6 +121,7 @@ def trees(draw: st.DrawFn, section: tuple[str, ...] = (), depth: int = 0) -> Any
         if named:
             keys = st.one_of(st.sampled_from(["m", "gpt-4o-mini", "A", "B.C"]), odd_keys)
         else:
+            assert model is not None
             keys = st.one_of(st.sampled_from(sorted(model.model_fields)), odd_keys)
             keys = keys if roll else st.sampled_from(sorted(model.model_fields))
         names = draw(st.lists(keys, max_size=6))
@@ -151,7 +154,8 @@ class Renderer:
     def flow(self, node: Any) -> str:
         kind = node[0]
         if kind == "scalar":
-            return self.anchor(node[2]) + node[1]
+            text: str = node[1]
+            return self.anchor(node[2]) + text
         if kind == "alias":
             return self.alias(node[1])
         anchor = self.anchor(node[3])
@@ -304,6 +308,7 @@ def test_any_text_loads_or_is_a_clear_policy_error(text: str) -> None:
     load_text(text)
 
 
+@pytest.mark.slow
 @fuzz(1000)
 @given(policy_texts())
 @example("limits:\n  open_files: " + "9" * 5000)  # int() refused 4300 digits: ValueError
@@ -331,6 +336,7 @@ def test_structured_policies_load_or_are_clear_policy_errors(text: str) -> None:
     load_text(text)
 
 
+@pytest.mark.slow
 @fuzz(25)
 @given(st.integers(1, 3000), st.sampled_from(["flow-list", "flow-map", "block", "merge-chain"]))
 @example(5000, "flow-list")  # RecursionError in PyYAML's composer
@@ -367,7 +373,7 @@ def test_a_billion_laughs_alias_bomb_is_refused_quickly(
     """An alias bomb (width ** levels leaves) is refused in well under a second."""
     started = time.perf_counter()
     assert load_text(billion_laughs(levels, width, where)) is None
-    assert time.perf_counter() - started < 2.0
+    assert time.perf_counter() - started < margin(2.0)
 
 
 def test_merge_keys_override_without_a_duplicate_key_error() -> None:
@@ -819,6 +825,7 @@ def huge_exponent_request(field: str) -> bytes:
     return encode({"jsonrpc": "2.0", "id": 1, "method": "reserve", "params": params}).encode()
 
 
+@pytest.mark.slow
 def test_any_request_gets_one_valid_reply_and_only_a_valid_one_touches_the_ledger(
     rig: Rig,
 ) -> None:
@@ -895,7 +902,7 @@ def test_a_number_with_a_huge_exponent_is_refused_at_once(rig: Rig, line: bytes)
         before = rig.state()
         started = time.perf_counter()
         (reply,) = rig.exchange(line)
-        assert time.perf_counter() - started < 0.5
+        assert time.perf_counter() - started < margin(0.5)
         assert reply["error"]["code"] == -32602 and len(reply["error"]["message"]) < 200
         assert rig.state() == before
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from conftest import python
+from _helpers import python
 
 from supervisor import Policy, Supervisor
 from supervisor.audit import read_events
@@ -85,6 +85,7 @@ def test_a_hook_that_raises_does_not_stop_a_kill(audit_log: Path) -> None:
         on_end=boom("on_end"),
     )
     result = sup.run(python("import time; time.sleep(30)"))
+    assert result.violation is not None
     assert result.exit_code == 124 and result.violation.limit == "wall_time"
     assert calls == ["on_warning", "on_warning", "on_violation", "on_end"]
     failed = [e for e in read_events(audit_log) if e["action"] == "hook_failed"]

@@ -20,18 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise, tagged_pids
+from _helpers import (
+    GLOBAL_TIMEOUT,
+    margin,
+    needs_landlock,
+    needs_landlock_scope,
+    python,
+    supervise,
+    tagged_pids,
+    wait_until,
+)
 
 from supervisor import Policy, Supervisor
 from supervisor._audit_view import summarize
-from supervisor._linux import landlock_abi
 from supervisor.audit import read_events, verify
 
-ABI = landlock_abi() or 0
 ROOT = os.geteuid() == 0
 KiB, MiB = 1 << 10, 1 << 20
-needs_scope = pytest.mark.skipif(ABI < 6, reason="signal scoping needs Landlock ABI 6")
-needs_landlock = pytest.mark.skipif(ABI == 0, reason="this kernel has no Landlock")
 
 
 def policy(**sections: Any) -> Policy:
@@ -134,13 +139,15 @@ def test_fork_bomb_ignoring_sigterm_is_stopped_quickly_and_capped(no_leftovers: 
     t = time.monotonic()
     result = Supervisor(policy(limits={"processes": 32, "wall_time": "30s"})).run(python(FORK_BOMB))
     assert (result.status, result.exit_code) == ("violation", 124)
+    assert result.violation is not None
     assert result.violation.limit in ("processes", "memory")
-    assert time.monotonic() - t < 10
+    assert time.monotonic() - t < margin(10)
     assert tagged_pids(no_leftovers) == []
     if capped_tasks():  # without one, grace lets it fork on: the watcher alone stops it
         assert result.usage.peak_processes <= kernel_cap(32)
 
 
+@pytest.mark.slow
 def test_thread_bomb_is_refused_by_the_kernel_cap(no_leftovers: str) -> None:
     """A thread bomb (one process, so ``processes`` never trips) gets no further than the
     kernel's task cap, then the run ends at its deadline with nothing left."""
@@ -163,18 +170,22 @@ def test_thread_bomb_is_refused_by_the_kernel_cap(no_leftovers: str) -> None:
 
 HOLD = (
     "import os, signal, subprocess, sys, time\n"
-    "def hold():\n"
+    "def hold(*exiting):\n"
     "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    "    time.sleep(0.2)  # the parent that made us has exited by now\n"
+    "    while os.getppid() in exiting:  # until the parents that made us have exited\n"
+    "        time.sleep(0.001)\n"
     "    with open(sys.argv[1], 'a') as f: f.write(f'{os.getpid()} {os.getppid()}\\n')\n"
     "    time.sleep(60)\n"
     "    os._exit(0)\n"
 )
 ESCAPES = {
-    "double fork": "if os.fork() == 0:\n    if os.fork() == 0: hold()\n    os._exit(0)\n",
+    "double fork": (
+        "if os.fork() == 0:\n    m = os.getpid()\n    if os.fork() == 0: hold(m)\n    os._exit(0)\n"
+    ),
     "setsid": "if os.fork() == 0:\n    os.setsid()\n    hold()\n",
     "setsid and double fork": (
-        "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0: hold()\n    os._exit(0)\n"
+        "if os.fork() == 0:\n    os.setsid()\n    m = os.getpid()\n"
+        "    if os.fork() == 0: hold(m)\n    os._exit(0)\n"
     ),
     "nohup": (
         "subprocess.Popen(['nohup', sys.executable, '-c', 'import time; time.sleep(60)'],"
@@ -184,8 +195,10 @@ ESCAPES = {
         "import ctypes\n"
         "if os.fork() == 0:\n"
         "    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER\n"
+        "    s = os.getpid()\n"
         "    if os.fork() == 0:\n"
-        "        if os.fork() == 0: hold()\n"
+        "        m = os.getpid()\n"
+        "        if os.fork() == 0: hold(s, m)\n"
         "        os._exit(0)\n"
         "    os._exit(0)\n"
     ),
@@ -201,12 +214,17 @@ def test_escapees_are_killed_at_the_end_of_the_run(
     is reparented inside the tree, never to init, and is dead when run() returns, whether
     the command exits by itself or is stopped."""
     log = tmp_path / "escapees"
-    tail = "time.sleep(0.5)\n" if end == "exit" else "time.sleep(60)\n"
+    # "exit": the command exits once its escapee is out: it has logged itself, or (nohup)
+    # Popen has returned, which it does once the escapee runs.
+    logged = "while not os.path.exists(sys.argv[1]) or not open(sys.argv[1]).read():\n"
+    wait = "" if how == "nohup" else logged + "    time.sleep(0.01)\n"
+    tail = wait if end == "exit" else "time.sleep(60)\n"
     code = HOLD + ESCAPES[how] + tail
     result = Supervisor(policy(limits={"wall_time": "1s"})).run([*python(code), str(log)])
     if end == "exit":
         assert (result.status, result.exit_code) == ("ok", 0)
     else:
+        assert result.violation is not None
         assert (result.exit_code, result.violation.limit) == (124, "wall_time")
     assert tagged_pids(no_leftovers) == []
     for line in log.read_text().splitlines() if log.exists() else []:
@@ -219,8 +237,9 @@ def test_sigterm_ignored_by_an_escapee_is_named_in_the_message(tmp_path: Path) -
     code = HOLD + ESCAPES["setsid"] + "time.sleep(60)\n"
     t = time.monotonic()
     result = Supervisor(policy(limits={"wall_time": "2s"})).run([*python(code), str(log)])
-    assert result.exit_code == 124 and time.monotonic() - t < 6
+    assert result.exit_code == 124 and time.monotonic() - t < margin(6)
     pid = log.read_text().split()[0]
+    assert result.violation is not None
     assert f"{pid} ignored SIGTERM" in result.violation.message
 
 
@@ -237,8 +256,9 @@ def test_a_stopped_tree_still_counts_wall_time_and_is_killed(no_leftovers: str) 
     )
     t = time.monotonic()
     result = Supervisor(policy(limits={"wall_time": "500ms"})).run(python(code))
+    assert result.violation is not None
     assert (result.exit_code, result.violation.limit) == (124, "wall_time")
-    assert time.monotonic() - t < 4
+    assert time.monotonic() - t < margin(4)
     assert tagged_pids(no_leftovers) == []
 
 
@@ -258,13 +278,14 @@ def test_a_stopped_process_still_gets_to_handle_sigterm(tmp_path: Path) -> None:
     pol = Policy.from_dict({"limits": {"wall_time": "500ms"}, "grace": "2s"})
     result = Supervisor(pol).run([*python(code), str(done)])
     assert result.exit_code == 124 and done.exists()
+    assert result.violation is not None
     assert "ignored SIGTERM" not in result.violation.message
 
 
 # -- the supervisor and the reaper ----------------------------------------------------------
 
 
-@needs_scope
+@needs_landlock_scope
 def test_tree_cannot_kill_stop_or_ptrace_the_reaper_or_supervise() -> None:
     """kill -9 and -STOP of getppid() and of supervise, a pidfd signal, PTRACE_SEIZE: all
     refused; supervise (a separate process here) finishes the run normally."""
@@ -360,7 +381,7 @@ def test_tree_that_starves_supervise_is_still_stopped_on_time() -> None:
     t = time.monotonic()
     done = supervise("--set", "limits.wall_time=1s", "--set", "grace=0", "--", *python(code))
     assert done.returncode == 124, done.stderr
-    assert time.monotonic() - t < 4  # an interpreter's start and exit included
+    assert time.monotonic() - t < margin(4)  # an interpreter's start and exit included
     assert "wall_time limit exceeded" in done.stderr
 
 
@@ -476,6 +497,7 @@ print(f"{worst:.3f}", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_flooding_the_rpc_leaves_supervise_serving_and_the_run_whole(
     tmp_path: Path, audit_log: Path
 ) -> None:
@@ -484,7 +506,7 @@ def test_flooding_the_rpc_leaves_supervise_serving_and_the_run_whole(
     bounded number of rpc_error lines."""
     result, out = output_of(budget_policy(tmp_path), python(FLOOD))
     assert (result.status, result.exit_code) == ("ok", 0), result.error
-    assert float(out) < 1.0
+    assert float(out) < margin(1.0)
     assert verify(audit_log).ok
     errors = [e for e in read_events(audit_log) if e["event"] == "rpc_error"]
     assert 1 <= len(errors) <= 20 + 5 * result.usage.wall_time + 2
@@ -555,10 +577,8 @@ def test_a_run_cannot_settle_another_runs_reservation(tmp_path: Path, agent: str
     )
     thread.start()
     try:
-        for _ in range(GLOBAL_TIMEOUT * 50):
-            if os.path.exists(base + ".id"):
-                break
-            time.sleep(0.02)
+        ident = Path(base + ".id")
+        assert wait_until(lambda: ident.exists() and ident.read_text() != "")
         thief, out = output_of(pol, [*python(STEAL), base], agent=agent)
     finally:
         Path(base + ".done").touch()
@@ -663,6 +683,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_child_holding_the_ledger_lock_cannot_stall_enforcement(tmp_path: Path) -> None:
     """A jailed child flocks the ledger's lock file (readable, so lockable) and asks for
     budget: the call is denied (store unavailable, fail closed) within seconds, and the
@@ -687,10 +708,11 @@ def test_child_holding_the_ledger_lock_cannot_stall_enforcement(tmp_path: Path) 
     done = supervise("-p", str(pol), "--", *python(LOCK_AND_LOOP), lock, "reserve", timeout=30)
     assert done.returncode == 124, done.stderr
     assert done.stdout.split("\n")[:2] == ["locked", "denied store"]
-    assert time.monotonic() - t < 14
+    assert time.monotonic() - t < margin(14)
     assert "wall_time limit exceeded" in done.stderr
 
 
+@pytest.mark.slow
 def test_child_holding_the_audit_log_lock_cannot_stall_enforcement(tmp_path: Path) -> None:
     """A jailed child flocks the audit log (readable): the deadline must still stop it."""
     log = os.path.join(os.environ["XDG_STATE_HOME"], "supervise", "audit.jsonl")
@@ -703,7 +725,7 @@ def test_child_holding_the_audit_log_lock_cannot_stall_enforcement(tmp_path: Pat
         )  # fmt: skip
     except Exception as e:  # TimeoutExpired: supervise hung in flock, killed by the test
         pytest.fail(f"supervise hung: {e}")
-    assert done.returncode in (124, 125) and time.monotonic() - t < 10
+    assert done.returncode in (124, 125) and time.monotonic() - t < margin(10)
 
 
 # -- argv and environment -------------------------------------------------------------------
@@ -723,7 +745,7 @@ def test_huge_argv_or_environment_is_a_clear_failure(argv: list[str], env: Any) 
     """E2BIG is "cannot execute" (126) with a message that names the cause, not a crash
     and not a fault of supervise's helper."""
     result = Supervisor(policy()).run(argv, env=env)
-    assert (result.status, result.exit_code) == ("failed", 126)
+    assert (result.status, result.exit_code) == ("failed", 126) and result.error is not None
     assert "too long" in result.error and "reaper" not in result.error, result.error
 
 
@@ -805,6 +827,7 @@ def test_sysv_shared_memory_and_message_queues_do_not_outlive_the_run() -> None:
     reason="memory in memfd_create files (and on tmpfs) that is not mapped is not RSS; "
     "only a memory cgroup (not used) would count it; RLIMIT_FSIZE caps each such file",
 )
+@pytest.mark.slow
 def test_memory_hidden_in_memfds_is_counted() -> None:
     """Three 64 MiB memfds (written, never mapped) break a 128 MiB memory limit."""
     code = (

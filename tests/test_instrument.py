@@ -11,13 +11,16 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from anthropic import AsyncAnthropic
 from fake_provider import WORDS, FakeProvider
+from openai import AsyncOpenAI
 from rpc_helpers import Ledger, serving
 
 from supervisor import client
 from supervisor.instrument import DEFAULT_MAX_OUTPUT, estimate_input_tokens
 
-CHAT = {"role": "user", "content": "Say hello to the whole world, politely."}
+# Any: one message for both SDKs, whose TypedDicts for it differ.
+CHAT: Any = {"role": "user", "content": "Say hello to the whole world, politely."}
 EXACT_CHAT = {
     "input_tokens": 1200,
     "output_tokens": 300,
@@ -55,11 +58,11 @@ class World:
         c = anthropic.Anthropic(api_key="test", base_url=self.provider.url, max_retries=0)
         return client.instrument_anthropic(c, budget=self.budget, **kw)
 
-    def aopenai(self) -> openai.AsyncOpenAI:
+    def aopenai(self) -> AsyncOpenAI:
         c = openai.AsyncOpenAI(api_key="test", base_url=f"{self.provider.url}/v1", max_retries=0)
         return client.instrument_openai(c, budget=self.budget)
 
-    def aanthropic(self) -> anthropic.AsyncAnthropic:
+    def aanthropic(self) -> AsyncAnthropic:
         c = anthropic.AsyncAnthropic(api_key="test", base_url=self.provider.url, max_retries=0)
         return client.instrument_anthropic(c, budget=self.budget)
 
@@ -72,6 +75,7 @@ class World:
         return c
 
     def kinds(self) -> list[str]:
+        """The kinds of the events so far, in order."""
         return [e[0] for e in self.ledger.events]
 
 
@@ -96,9 +100,9 @@ def world() -> Iterator[World]:
         yield w
 
 
-def test_chat_completion_reserves_first_and_commits_the_exact_usage(world):
+def test_chat_completion_reserves_first_and_commits_the_exact_usage(world: World) -> None:
     """chat.completions.create: reserve (estimate, max tokens, label) -> request -> exact commit."""
-    kw = {"model": "gpt-4o-mini", "messages": [CHAT], "max_completion_tokens": 500}
+    kw: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [CHAT], "max_completion_tokens": 500}
     with world.openai(label="triage") as oa:
         resp = oa.chat.completions.create(**kw)
     assert resp.choices[0].message.content == "".join(WORDS)
@@ -112,11 +116,12 @@ def test_chat_completion_reserves_first_and_commits_the_exact_usage(world):
     assert world.ledger.commits[0]["label"] == "triage"
 
 
-def test_chat_stream_asks_for_usage_and_commits_it(world):
+def test_chat_stream_asks_for_usage_and_commits_it(world: World) -> None:
     """A chat stream gets stream_options.include_usage and settles from the final usage chunk."""
+    options: Any = {"x": 1}  # Any: a key the SDK does not know, which must be kept
     with world.openai() as oa:
         stream = oa.chat.completions.create(
-            model="gpt-4o-mini", messages=[CHAT], stream=True, stream_options={"x": 1}
+            model="gpt-4o-mini", messages=[CHAT], stream=True, stream_options=options
         )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "".join(WORDS)
@@ -126,9 +131,14 @@ def test_chat_stream_asks_for_usage_and_commits_it(world):
     assert world.commit() == EXACT_CHAT
 
 
-def test_chat_stream_closed_early_settles_from_what_was_seen(world):
+def test_chat_stream_closed_early_settles_from_what_was_seen(world: World) -> None:
     """A stream closed after two chunks is charged the input estimate plus the text seen / 4."""
-    kw = {"model": "gpt-4o-mini", "messages": [CHAT], "max_tokens": 100, "stream": True}
+    kw: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [CHAT],
+        "max_tokens": 100,
+        "stream": True,
+    }
     with world.openai() as oa:
         stream = oa.chat.completions.create(**kw)
         next(stream), next(stream)  # the role chunk, then "Hello"
@@ -138,7 +148,7 @@ def test_chat_stream_closed_early_settles_from_what_was_seen(world):
     assert world.commit()["output_tokens"] == math.ceil(len("Hello") / 4)
 
 
-def test_chat_stream_abandoned_in_a_loop_settles_when_dropped(world):
+def test_chat_stream_abandoned_in_a_loop_settles_when_dropped(world: World) -> None:
     """Breaking out of the loop and dropping the stream settles it (never a free call)."""
     with world.openai() as oa:
         for chunk in oa.chat.completions.create(model="m", messages=[CHAT], stream=True):
@@ -148,16 +158,16 @@ def test_chat_stream_abandoned_in_a_loop_settles_when_dropped(world):
         assert world.commit()["output_tokens"] == 2
 
 
-def test_a_response_without_usage_raises_and_is_charged_its_reservation(world):
+def test_a_response_without_usage_raises_and_is_charged_its_reservation(world: World) -> None:
     """No usage in the response: UsageMissing, and the whole hold is charged."""
-    kw = {"model": "no-usage", "messages": [CHAT], "max_tokens": 64}
+    kw: dict[str, Any] = {"model": "no-usage", "messages": [CHAT], "max_tokens": 64}
     with world.openai() as oa, pytest.raises(client.UsageMissing):
         oa.chat.completions.create(**kw)
     assert world.commit()["input_tokens"] == estimate_input_tokens(kw)
     assert world.commit()["output_tokens"] == 64
 
 
-def test_a_finished_stream_without_usage_raises_and_is_charged(world):
+def test_a_finished_stream_without_usage_raises_and_is_charged(world: World) -> None:
     """A stream that ends without any usage raises UsageMissing at its end; charged the hold."""
     with world.openai() as oa:
         stream = oa.chat.completions.create(
@@ -169,7 +179,7 @@ def test_a_finished_stream_without_usage_raises_and_is_charged(world):
     assert world.commit()["output_tokens"] == 10
 
 
-def test_a_denied_call_never_reaches_the_network():
+def test_a_denied_call_never_reaches_the_network() -> None:
     """BudgetExceeded from the reservation: the provider gets zero requests."""
     with make_world(tokens=10) as w:
         with w.openai() as oa, pytest.raises(client.BudgetExceeded):
@@ -185,7 +195,7 @@ def test_a_denied_call_never_reaches_the_network():
         assert w.provider.requests == []
 
 
-def test_a_calls_limit_of_5_lets_exactly_5_requests_through():
+def test_a_calls_limit_of_5_lets_exactly_5_requests_through() -> None:
     """calls: 5 -> exactly 5 requests reach the provider; the rest are denied."""
     with make_world(calls=5) as w:
         denied = 0
@@ -198,7 +208,7 @@ def test_a_calls_limit_of_5_lets_exactly_5_requests_through():
         assert len(w.provider.requests) == 5 and denied == 3
 
 
-def test_an_http_error_releases_the_hold(world):
+def test_an_http_error_releases_the_hold(world: World) -> None:
     """A provider error before any response releases the reservation: nothing charged."""
     with world.openai() as oa, pytest.raises(openai.InternalServerError):
         oa.chat.completions.create(model="fail-500", messages=[CHAT])
@@ -206,7 +216,7 @@ def test_an_http_error_releases_the_hold(world):
     assert not world.ledger.holds and not world.ledger.commits
 
 
-def test_responses_api_plain_and_streamed(world):
+def test_responses_api_plain_and_streamed(world: World) -> None:
     """responses.create, plain and stream=True (response.completed), commit the exact usage."""
     with world.openai() as oa:
         resp = oa.responses.create(model="gpt-4.1-mini", input="Say hello", max_output_tokens=400)
@@ -218,9 +228,14 @@ def test_responses_api_plain_and_streamed(world):
     assert commits == [EXACT_RESPONSES, EXACT_RESPONSES]
 
 
-def test_anthropic_message_counts_cache_reads_and_writes_as_input(world):
+def test_anthropic_message_counts_cache_reads_and_writes_as_input(world: World) -> None:
     """messages.create: input = input + cache read + cache creation; cached/write are subsets."""
-    kw = {"model": "claude-test", "max_tokens": 300, "messages": [CHAT], "system": "Be kind"}
+    kw: dict[str, Any] = {
+        "model": "claude-test",
+        "max_tokens": 300,
+        "messages": [CHAT],
+        "system": "Be kind",
+    }
     with world.anthropic(label="writer") as a:
         msg = a.messages.create(**kw)
     assert msg.content[0].text == "".join(WORDS)
@@ -234,7 +249,7 @@ def test_anthropic_message_counts_cache_reads_and_writes_as_input(world):
     assert world.commit() == EXACT_ANTHROPIC
 
 
-def test_anthropic_raw_stream_uses_start_and_cumulative_delta_usage(world):
+def test_anthropic_raw_stream_uses_start_and_cumulative_delta_usage(world: World) -> None:
     """messages.create(stream=True): usage from message_start plus the cumulative message_delta."""
     with world.anthropic() as a:
         stream = a.messages.create(model="claude", max_tokens=300, messages=[CHAT], stream=True)
@@ -243,7 +258,7 @@ def test_anthropic_raw_stream_uses_start_and_cumulative_delta_usage(world):
     assert world.commit() == EXACT_ANTHROPIC
 
 
-def test_anthropic_stream_helper_settles_exactly(world):
+def test_anthropic_stream_helper_settles_exactly(world: World) -> None:
     """messages.stream(...) as a context manager settles from the accumulated message."""
     with world.anthropic() as a:
         with a.messages.stream(model="claude", max_tokens=300, messages=[CHAT]) as stream:
@@ -252,7 +267,7 @@ def test_anthropic_stream_helper_settles_exactly(world):
     assert world.commit() == EXACT_ANTHROPIC
 
 
-def test_anthropic_stream_helper_cut_short_keeps_the_input_it_saw(world):
+def test_anthropic_stream_helper_cut_short_keeps_the_input_it_saw(world: World) -> None:
     """Leaving messages.stream after the first word: the reported input, output from the text."""
     with (
         world.anthropic() as a,
@@ -264,7 +279,7 @@ def test_anthropic_stream_helper_cut_short_keeps_the_input_it_saw(world):
     assert got["output_tokens"] == max(1, math.ceil(len("Hello") / 4))
 
 
-def test_async_clients_are_metered(world):
+def test_async_clients_are_metered(world: World) -> None:
     """AsyncOpenAI and AsyncAnthropic: plain, streamed, and messages.stream, all exact."""
 
     async def main() -> None:
@@ -295,7 +310,7 @@ def test_async_clients_are_metered(world):
     assert world.kinds().count("reserve") == 6 and not world.ledger.holds
 
 
-def test_estimate_is_conservative_and_documented():
+def test_estimate_is_conservative_and_documented() -> None:
     """ASCII counts a quarter token a character, other characters a whole token, plus overhead."""
     assert estimate_input_tokens({"messages": [{"role": "user", "content": "a" * 400}]}) == (
         math.ceil((400 + len("role") + len("user") + len("content")) / 4) + 4 + 16

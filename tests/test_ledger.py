@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, RedisServer, python
+from _helpers import GLOBAL_TIMEOUT, RedisServer, python
 
 from supervisor.budget._policy import BudgetPolicy
 from supervisor.budget.ledger import Ledger, default_store_url, open_store
@@ -294,7 +294,8 @@ def test_bad_token_counts_are_refused_before_the_store(make: Callable[..., Ledge
     ledger = make({})
     for bad in ({"input_tokens": -1}, {"input_tokens": 10, "cached_input_tokens": 11}):
         with pytest.raises(ValueError):
-            ledger.record(model="m", output_tokens=0, **{"input_tokens": 0, **bad})
+            counts: dict[str, Any] = {"input_tokens": 0, **bad}
+            ledger.record(model="m", output_tokens=0, **counts)
     assert scope(ledger, "run").calls.used == 0
 
 
@@ -337,7 +338,7 @@ def test_history_keeps_raw_counts_and_price_version(store_url: str) -> None:
         ledger.commit(hold.id, input_tokens=100, output_tokens=20, cached_input_tokens=50)
         with pytest.raises(BudgetExceeded):
             ledger.reserve(model="gpt-4o-mini", input_tokens=100)
-        events = ledger.store.events("bot")  # type: ignore[attr-defined]
+        events = ledger.store.events("bot")
     kinds = [e["kind"] for e in events]
     assert kinds == ["grant", "commit", "deny"]
     commit = events[1]

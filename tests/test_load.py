@@ -13,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise
+from _helpers import GLOBAL_TIMEOUT, margin, python, supervise
 
 from supervisor.audit import read_events, verify
 
@@ -44,7 +44,7 @@ def test_fifty_runs_share_one_daily_budget(fresh_store: str, tmp_path: Path) -> 
             {
                 "version": 1,
                 "agent": "crowd",
-                "limits": {"wall_time": "120s"},
+                "limits": {"wall_time": f"{margin(120):.0f}s"},
                 "budget": {"store": fresh_store, "pricing": PRICES, "daily": {"usd": DAILY}},
             }
         )
@@ -57,7 +57,7 @@ def test_fifty_runs_share_one_daily_budget(fresh_store: str, tmp_path: Path) -> 
     ]
     results = []
     for p in procs:
-        out, _ = p.communicate(timeout=GLOBAL_TIMEOUT * 3)
+        out, _ = p.communicate(timeout=margin(GLOBAL_TIMEOUT * 3))
         assert p.returncode == 0, out
         results.append(json.loads(out.splitlines()[-1]))
     spent = sum(Decimal(str(r["usage"]["usd"])) for r in results)

@@ -13,11 +13,12 @@ import re
 import subprocess
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import python, supervise
+from _helpers import python, supervise
 
 from supervisor import Policy, Supervisor
 from supervisor._audit_view import format_summary, summarize
@@ -240,7 +241,7 @@ def test_report_by_day_and_chart_over_several_days(tmp_path: Path) -> None:
         for agent in ("a", "b"):
             with Ledger.open(
                 budget, run_id=f"{day}-{agent}", agent=agent, session=None, store=url,
-                clock=lambda at=at: at, hold_ttl=60,
+                clock=partial(float, at), hold_ttl=60,
             ) as ledger:  # fmt: skip
                 hold = ledger.reserve(model="m1", input_tokens=1000 * (n + 1), label="x")
                 if agent == "a":

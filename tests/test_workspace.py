@@ -11,21 +11,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT, python, supervise, wait_until
+from _helpers import (
+    GLOBAL_TIMEOUT,
+    HAS_LANDLOCK,
+    LANDLOCK_ABI,
+    needs_landlock,
+    python,
+    supervise,
+    wait_until,
+)
 
 from supervisor import Policy, Supervisor, Workspace, WorkspaceError
-from supervisor._linux import landlock_abi
 from supervisor._quota import QuotaTracker
 from supervisor.audit import read_events
 
-ABI = landlock_abi()
-needs_landlock = pytest.mark.skipif(ABI is None, reason="this kernel has no Landlock")
 KiB, MiB = 1 << 10, 1 << 20
 
 
 def run(code: str, ws: Path | None = None, audit: Path | None = None, **spec: Any) -> Any:
     """Run Python ``code`` in a workspace (``ws``, else a temporary one) under ``spec``."""
-    extra = {k: spec.pop(k) for k in ("on_violation", "network", "limits") if k in spec}
+    extra: dict[str, Any] = {
+        k: spec.pop(k) for k in ("on_violation", "network", "limits") if k in spec
+    }
     if ws is not None:
         spec["path"] = str(ws)
     policy = Policy.from_dict(
@@ -223,7 +230,7 @@ def test_run_start_records_the_jail(places: tuple[Path, Path], audit_log: Path) 
     run("pass", ws=ws)
     start = next(e for e in read_events(audit_log) if e["event"] == "run_start")
     enforced = start["detail"]["enforced"]
-    assert enforced["landlock"] == {"abi": ABI, "writes": "workspace", "reads": "all"}
+    assert enforced["landlock"] == {"abi": LANDLOCK_ABI, "writes": "workspace", "reads": "all"}
     assert enforced["workspace"] == str(ws)
     assert enforced["quota"] == "inotify + RLIMIT_FSIZE"
 
@@ -233,7 +240,7 @@ def test_missing_writable_path_is_a_clear_error(places: tuple[Path, Path]) -> No
     leave the jail looser or tighter than the policy says."""
     ws, outside = places
     result = run("pass", ws=ws, writable=[str(outside / "nope")])
-    if ABI is None:
+    if not HAS_LANDLOCK:
         pytest.skip("without Landlock the jail is not built")
     assert result.exit_code == 125
     assert "workspace.writable" in result.error and "does not exist" in result.error
@@ -334,6 +341,7 @@ def test_storage_warn_does_not_stop() -> None:
     )
     result = Supervisor(policy).run([*python(FILL), "40", str(64 * KiB)])
     assert result.exit_code == 0 and result.status == "violation"
+    assert result.violation is not None
     assert result.violation.limit == "storage"
 
 
@@ -351,6 +359,7 @@ def test_files_count_directories_too() -> None:
     code = "import os\nfor d in 'abc': os.mkdir(d); open(d + '/f', 'w').write('x')"
     policy = Policy.from_dict({"workspace": {"max_files": 5}})
     result = Supervisor(policy).run(python(code))
+    assert result.violation is not None and result.violation.observed is not None
     assert result.exit_code == 124 and result.violation.observed == 6
 
 
@@ -361,6 +370,7 @@ def test_max_file_size_boundary(size: int, code: int) -> None:
     result = Supervisor(policy).run(python(f"open('f', 'wb').write(b'x' * {size})"))
     assert result.exit_code == code
     if code:
+        assert result.violation is not None
         assert result.violation.limit == "max_file_size"
         assert result.violation.message.startswith("max_file_size limit exceeded: 11 B > 10 B")
 
@@ -370,6 +380,7 @@ def test_max_file_size_stops_a_shell_writer_in_the_kernel() -> None:
     (SIGXFSZ), and the violation names max_file_size."""
     policy = Policy.from_dict({"workspace": {"max_file_size": "1MiB"}})
     result = Supervisor(policy).run(["sh", "-c", "head -c 5000000 /dev/zero > big"])
+    assert result.violation is not None
     assert result.exit_code == 124 and result.violation.limit == "max_file_size"
 
 
@@ -392,6 +403,7 @@ def test_one_writer_stops_at_the_quota_within_one_block() -> None:
     )
     policy = Policy.from_dict({"workspace": {"quota": "8MiB", "max_file_size": None}})
     result = Supervisor(policy).run(python(code))
+    assert result.violation is not None and result.violation.observed is not None
     assert result.exit_code == 124 and result.violation.limit == "storage"
     assert result.violation.observed - 8 * MiB <= 8 * KiB
 
@@ -426,6 +438,7 @@ def disk_used(path: Path) -> int:
 NEAR = 20 * MiB * 2
 
 
+@pytest.mark.slow
 def test_four_writers_in_parallel_are_stopped_near_the_quota(tmp_path: Path) -> None:
     """Four processes writing small files at once (ignoring SIGTERM, so writing on through
     grace): seen near the quota (NEAR), and the disk used stays there."""
@@ -439,11 +452,13 @@ def test_four_writers_in_parallel_are_stopped_near_the_quota(tmp_path: Path) -> 
         }
     )  # fmt: skip
     result = Supervisor(policy).run(python(FOUR_WRITERS))
+    assert result.violation is not None and result.violation.observed is not None
     assert result.exit_code == 124 and result.violation.limit == "storage"
     assert result.violation.observed <= NEAR
     assert disk_used(ws) <= NEAR
 
 
+@pytest.mark.slow
 def test_quota_holds_while_the_run_loop_is_stalled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -463,6 +478,7 @@ def test_quota_holds_while_the_run_loop_is_stalled(
         {"workspace": {"path": str(ws), "quota": "20MiB", "max_files": None, "max_file_size": None}}
     )
     result = Supervisor(policy).run(python(FOUR_WRITERS))
+    assert result.violation is not None and result.violation.observed is not None
     assert result.exit_code == 124 and result.violation.limit == "storage"
     assert result.violation.observed <= NEAR
     assert disk_used(ws) <= NEAR
@@ -505,6 +521,7 @@ def test_deleted_file_held_open_still_counts() -> None:
         {"workspace": {"quota": "4MiB", "max_file_size": None}, "limits": {"wall_time": "20s"}}
     )
     result = Supervisor(policy).run(python(code))
+    assert result.violation is not None
     assert result.exit_code == 124 and result.violation.limit == "storage"
 
 
