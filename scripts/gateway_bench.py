@@ -136,7 +136,7 @@ def main() -> None:
     policy = BudgetPolicy.model_validate({"run": {"usd": 100000}})
     ledger = Ledger.open(policy, run_id="bench", agent="bench", session=None,
                          store=f"sqlite:///{tmp.name}/b.db")  # fmt: skip
-    backend = RunBackend(Events(), Usage(), ledger, None, None)  # type: ignore[arg-type]
+    backend = RunBackend(Events(), Usage(), ledger, None, None)
     token = "bench-token"
     provider = Provider("openai", "openai", f"http://127.0.0.1:{port}/v1", "sk-bench")
     gw = Gateway(backend, [provider], token=token, lock=threading.Lock())

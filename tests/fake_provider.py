@@ -19,7 +19,7 @@ import json
 import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 CHAT_USAGE = {
     "prompt_tokens": 1200,
@@ -248,9 +248,9 @@ class FakeProvider:
                         answer["service_tier"] = "priority"
                     if fake == "honor" and answer.get("usage"):  # a real provider's max tokens
                         most = body.get("max_completion_tokens") or body.get("max_tokens")
-                        out = min(CHAT_USAGE["completion_tokens"], most or 10**9)
+                        out = min(cast(int, CHAT_USAGE["completion_tokens"]), most or 10**9)
                         details = {"reasoning_tokens": min(100, out)}
-                        prompt = min(CHAT_USAGE["prompt_tokens"], len(raw) // 4)
+                        prompt = min(cast(int, CHAT_USAGE["prompt_tokens"]), len(raw) // 4)
                         cached = {"cached_tokens": prompt // 2}  # fewer tokens than bytes
                         answer["usage"] = {**CHAT_USAGE, "completion_tokens": out,
                                            "completion_tokens_details": details,

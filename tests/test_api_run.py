@@ -7,7 +7,7 @@ import inspect
 from typing import Any
 
 import pytest
-from conftest import python
+from _helpers import python
 
 from supervisor import Policy, Supervisor
 from supervisor._plan import RunPlan
@@ -19,7 +19,7 @@ from supervisor.spawn import Done, Exited, KernelKill, Signalled, Started, parse
 def test_a_string_command_is_refused_with_the_fix() -> None:
     """run("echo hi") is a TypeError that says to pass words (or a shell), not a run of "e"."""
     with pytest.raises(TypeError, match=r'\["sh", "-c", \'echo hi\'\].*shlex\.split'):
-        Supervisor().run("echo hi")  # type: ignore[arg-type]  # the trap under test
+        Supervisor().run("echo hi")  # a str is a Sequence[str]: only the run refuses it
     with pytest.raises(TypeError, match="list of words"):
         Supervisor().start(b"echo hi")  # type: ignore[arg-type]  # bytes: the same trap
 
@@ -27,7 +27,7 @@ def test_a_string_command_is_refused_with_the_fix() -> None:
 def test_run_async_refuses_a_string_too() -> None:
     """run_async("...") raises the same TypeError before any thread starts."""
     with pytest.raises(TypeError, match="list of words"):
-        asyncio.run(Supervisor().run_async("true"))  # type: ignore[arg-type]  # under test
+        asyncio.run(Supervisor().run_async("true"))
 
 
 @pytest.mark.parametrize("method", ["run", "start"])

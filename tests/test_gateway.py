@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GLOBAL_TIMEOUT
+from _helpers import GLOBAL_TIMEOUT
 from fake_provider import FakeProvider
 
 from supervisor._backend import RunBackend

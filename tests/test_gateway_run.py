@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from _helpers import free_port
 from fake_provider import FakeProvider
 
 from supervisor import Policy, Supervisor
