@@ -16,9 +16,14 @@ from .errors import SupervisorError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
+    from typing import Any, Protocol
 
-    from ._backend import RunBackend
+    class Holds(Protocol):
+        """The run's budget backend, as the end of a run settles it."""
+
+        def settle(self) -> list[dict[str, Any]]: ...
+        def unclaim(self) -> None: ...
+
     from ._confine import Confinement
     from ._plan import RunPlan
     from .audit import AuditLog
@@ -185,7 +190,7 @@ class RunLog:
             },
         )  # fmt: skip
 
-    def settled(self, backend: RunBackend) -> None:
+    def settled(self, backend: Holds) -> None:
         """The tree is gone: holds still open are charged at their input estimate."""
         try:
             settled = backend.settle()

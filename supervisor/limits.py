@@ -15,7 +15,6 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from ._confine import Confinement
     from ._plan import RunPlan
 
 
@@ -115,10 +114,13 @@ def cgroup_words(path: str) -> list[str]:
 IPC_WORDS = ["ipcns=1"]  # an IPC namespace of the tree's own, where it may
 
 
-def helper_words(plan: RunPlan, confine: Confinement) -> tuple[list[str], list[str]]:
-    """(the rlimits, for run_start; every limit word the reaper gets) for one run."""
-    rlimits = [*rlimit_words(plan), *confine.fsize_words()]
-    words = [*rlimits, f"oom={oom_score_adj()}", "scope=1", *confine.words]
+def helper_words(
+    plan: RunPlan, fsize: list[str], confine: list[str]
+) -> tuple[list[str], list[str]]:
+    """(the rlimits, for run_start; every limit word the reaper gets) for one run, given
+    ``Confinement``'s RLIMIT_FSIZE words and its own (jail, network, cgroup)."""
+    rlimits = [*rlimit_words(plan), *fsize]
+    words = [*rlimits, f"oom={oom_score_adj()}", "scope=1", *confine]
     cap = nproc_cap(plan)
     if cap is not None:
         words.append(f"nproc={cap}")

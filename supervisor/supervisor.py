@@ -192,7 +192,7 @@ class Run:
         self.confine = confine = Confinement(plan, self.argv, env)
         for message in confine.warnings:
             print(f"supervise: warning: {message}", file=sys.stderr)
-        rlimits, words = helper_words(plan, confine)
+        rlimits, words = helper_words(plan, confine.fsize_words(), confine.words)
         pass_fds = self._open_rpc(env)
         argv, ws = self.argv, confine.workspace
         if ws is not None and "/" in argv[0] and not os.path.isabs(argv[0]):

@@ -236,7 +236,7 @@ class FakeProvider:
                 provider.requests.append((self.path, body))
                 provider.seen.append((self.path, dict(self.headers), raw))
                 provider.events.append(("http", self.path))
-                plain, stream = ROUTES[self.path]
+                plain, stream = ROUTES[self.path.partition("?")[0]]
                 fake = self.headers.get("x-fake", "")
                 if body.get("model") == "fail-500":
                     self._json(500, {"error": {"message": "boom", "type": "server_error"}})

@@ -84,13 +84,7 @@ def test_the_reapers_words_come_from_limits() -> None:
     assert plan.rlimit_words() == rlimit_words(plan)
     assert (task_cap(4), task_cap(100)) == (256, 1600)
 
-    class Bare:  # a Confinement that adds nothing
-        words: list[str] = []
-
-        def fsize_words(self) -> list[str]:
-            return []
-
-    rlimits, words = helper_words(plan, Bare())  # type: ignore[arg-type]  # a stand-in
+    rlimits, words = helper_words(plan, [], [])  # a Confinement that adds nothing
     assert rlimits == rlimit_words(plan) and words[: len(rlimits)] == rlimits
     assert "scope=1" in words and any(w.startswith("oom=") for w in words)
 

@@ -23,9 +23,25 @@ from supervisor.gateway._usage import WireUsage, from_json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Protocol
 
-    from supervisor.gateway._server import Gateway
+    from aiohttp import web as _web
+
+    from supervisor.budget.pricing import Prices
+
+    class Gateway(Protocol):
+        """What a call needs of its gateway (``_server.Gateway``)."""
+
+        prices: Prices
+        on_denied: Callable[[BudgetError | StoreUnavailable, dict[str, Any]], None] | None
+        _conversations: dict[str, int]
+
+        def backend_call(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
+        def limited(self) -> bool: ...
+        def price_id(self, provider: Provider) -> str: ...
+        async def _forward(self, request: _web.Request, provider: Provider, body: bytes,
+                           call: _Call | None) -> _web.StreamResponse: ...  # fmt: skip
 
     class Meter(Protocol):
         """What the gateway calls: the budget RPC's ``Backend`` less what only a child asks
