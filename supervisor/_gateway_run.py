@@ -109,10 +109,13 @@ def open_gateway(
     wake: Wake,
     env: dict[str, str],
     sock: socket.socket | None = None,
+    warnings: list[str] | None = None,
 ) -> Gateway:
     """Start the run's gateway; ``env`` (the child's) gets its variables, and loses every
-    provider key whatever ``env.inherit`` said."""
+    provider key whatever ``env.inherit`` said.  ``warnings`` (the run's fallbacks) gets
+    one when the tree cannot reach it."""
     import secrets
+    import sys
 
     from .gateway import Gateway, key_variables
 
@@ -121,6 +124,12 @@ def open_gateway(
                  token=secrets.token_urlsafe(32), lock=lock, sock=sock,
                  listen=section.listen)  # fmt: skip
     gw.start()
+    if plan.network == "deny" and sock is None and warnings is not None:
+        # The listening socket is not yet made inside the tree's network namespace: the
+        # tree cannot reach the gateway (nor anything else); its keys stay out all the same.
+        message = "network: deny: the LLM gateway is not reachable from the tree yet"
+        warnings.append(message)
+        print(f"supervise: warning: {message}", file=sys.stderr)
     scrubbed = gw.scrub_env(env, key_variables(section))
     env.clear()
     env.update(scrubbed)

@@ -1,12 +1,11 @@
 """``Supervisor`` and the orchestration of one run: spawn → watch → stop → ``RunResult``.
 
 One thread per run, no sleep-polling: the loop blocks in ``poll()`` on the reaper's socket
-(its events: the command's exit, kernel-limit deaths, the tree emptying), a wake pipe
-(signals to forward, cancellation), the workspace's quota watch and the budget RPC, with a
-timeout that is the next deadline (wall clock, end of grace, a sample, a step).  The
-stations live in their own modules, in the order data flows: ``limits`` (the plan in the
-reaper's words), ``spawn`` (the reaper and its events), ``watch`` (samples and checks),
-``_stop`` (TERM → grace → KILL), ``result`` (messages, exit status), ``_run_log`` (audit).
+(the command's exit, kernel-limit deaths, the tree emptying), a wake pipe (signals, the
+gateway's calls), the quota watch and the budget RPC, until the next deadline (wall clock,
+grace, a sample, a step).  The stations have modules of their own, in the order data flows:
+``limits`` (the plan in the reaper's words), ``spawn`` (the reaper and its events), ``watch``
+(samples, checks), ``_stop`` (TERM → grace → KILL), ``result``, ``_run_log`` (audit).
 """
 
 from __future__ import annotations
@@ -221,7 +220,8 @@ class Run:
         env.update(self.rpc.child_env())
         if providers:
             self.gateway = _gateway_run.open_gateway(
-                providers, self.plan, self.backend, events, self.lock, self.wake, env)  # fmt: skip
+                providers, self.plan, self.backend, events, self.lock, self.wake, env,
+                warnings=confine.warnings)  # fmt: skip
         return (self.rpc.child_fd,)
 
     def _fail_closed(self, error: SupervisorError, at_once: bool = True) -> None:

@@ -207,3 +207,20 @@ def test_the_cli_caps_any_agent_with_one_set(fake: FakeProvider, tmp_path: Path)
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["usage"]["api_calls"] == 1
     assert Decimal(str(result["usage"]["usd"])) == CHAT
+
+
+def test_network_deny_keeps_the_keys_out_and_says_the_gateway_is_unreachable(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """Under ``network: deny`` the gateway is not yet served inside the tree's namespace: the
+    run says so (a fallback warning in the audit), and the key still stays out of the tree."""
+    audit = tmp_path / "audit.jsonl"
+    pol = policy(fake, tmp_path / "key", audit, network="deny")
+    out = tmp_path / "env.txt"
+    code = "import os; print(os.environ.get('OPENAI_API_KEY'))"
+    with open(out, "w") as f:
+        result = Supervisor(pol).run([sys.executable, "-c", code], stdout=f)
+    assert result.exit_code == 0
+    assert out.read_text().strip() not in ("None", KEY)
+    fallbacks = [e["detail"] for e in events(audit, "warning") if e["action"] == "fallback"]
+    assert any("gateway is not reachable" in str(d) for d in fallbacks), fallbacks
