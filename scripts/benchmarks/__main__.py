@@ -6,7 +6,7 @@ Run it as ``scripts/bench`` (installs into .venv first), which runs
     scripts/bench                   every area; prints the Markdown table README quotes
     scripts/bench --quick           fewer rounds, smaller data
     scripts/bench --only ledger     one area (repeat --only for more): run, workspace,
-                                    ledger, rpc, audit
+                                    ledger, rpc, audit, gateway
     scripts/bench --ledger          the same as --only ledger (and --audit: --only audit)
 """
 
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-from . import audit, ledger, rpc, run, workspace
+from . import audit, gateway, ledger, rpc, run, workspace
 from ._common import CONFIG, rows
 
 # In the table's order.
@@ -28,6 +28,7 @@ AREAS: dict[str, Callable[[str], None]] = {
     "ledger": ledger.bench,
     "rpc": rpc.bench,
     "audit": audit.bench,
+    "gateway": gateway.bench,
 }
 
 

@@ -1,6 +1,6 @@
 """The gateway's figures: added latency, added time to first byte, metered calls per second.
 
-    python scripts/gateway_bench.py [--quick]
+    scripts/bench --only gateway [--quick]
 
 A fast fake upstream (aiohttp, its own process) answers a chat completion as JSON or as a
 short SSE stream. The gateway runs in this process over a real ledger (SQLite, a budget with
@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
+
+from ._common import CONFIG, REPO, rows
 
 USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
 ANSWER = {
@@ -111,10 +111,14 @@ def timed(conn: http.client.HTTPConnection, path: str, body: bytes, headers: dic
     return time.perf_counter() - t
 
 
-def main() -> None:
-    quick = "--quick" in sys.argv
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.dirname(here))
+def _child(*args: str) -> list[str]:
+    """This module run as a child process (the upstream, the load)."""
+    return [sys.executable, "-m", "scripts.benchmarks.gateway", *args]
+
+
+def bench(tmp_dir: str) -> None:
+    """The gateway rows of the table."""
+    quick = CONFIG.quick
     from supervisor._backend import RunBackend
     from supervisor.budget._policy import BudgetPolicy
     from supervisor.budget.ledger import Ledger
@@ -128,14 +132,13 @@ def main() -> None:
         def usage_changed(self, call: dict[str, Any]) -> None: ...
         def spend_lost(self, error: Any, call: dict[str, Any]) -> None: ...
 
-    fake = subprocess.Popen([sys.executable, __file__, "--upstream"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    fake = subprocess.Popen(_child("--upstream"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)  # fmt: skip
     assert fake.stdout is not None and fake.stdin is not None
     port = int(fake.stdout.readline())
-    tmp = tempfile.TemporaryDirectory()
     policy = BudgetPolicy.model_validate({"run": {"usd": 100000}})
     ledger = Ledger.open(policy, run_id="bench", agent="bench", session=None,
-                         store=f"sqlite:///{tmp.name}/b.db")  # fmt: skip
+                         store=f"sqlite:///{tmp_dir}/gateway.db")  # fmt: skip
     backend = RunBackend(Events(), Usage(), ledger, None, None)
     token = "bench-token"
     provider = Provider("openai", "openai", f"http://127.0.0.1:{port}/v1", "sk-bench")
@@ -163,25 +166,31 @@ def main() -> None:
         via.close()
         seconds = 2.0 if quick else 5.0
         loader = subprocess.run(
-            [sys.executable, __file__, "--load", str(gw.port), token, str(seconds), "32"],
-            capture_output=True, text=True, check=True,
+            _child("--load", str(gw.port), token, str(seconds), "32"),
+            capture_output=True, text=True, check=True, cwd=REPO,
         )  # fmt: skip
         calls = int(loader.stdout) / seconds
         assert gw.wait_idle(30)
         spent = next(s for s in ledger.usage() if s.scope == "run")
-        for label, key in (("added latency per call, p50", "call"),
-                           ("added time to first byte (stream), p50", "ttfb")):  # fmt: skip
+        for label, key in (
+            ("gateway: added latency per non-streamed call, p50", "call"),
+            ("gateway: added time to first streamed byte, p50", "ttfb"),
+        ):
             plain, through = figures[key]
-            added, plain_ms, via_ms = 1000 * (through - plain), 1000 * plain, 1000 * through
-            print(f"{label:42} {added:7.3f} ms (direct {plain_ms:.3f} ms, via {via_ms:.3f} ms)")
-        print(f"{'metered calls/s (32 connections)':42} {calls:7.0f}   "
-              f"(ledger: {spent.calls.used} calls charged)")  # fmt: skip
+            added = 1000 * (through - plain)
+            rows.append((
+                label, f"the same fake upstream directly {1000 * plain:.3f} ms",
+                f"{1000 * through:.3f} ms", f"+{added:.3f} ms (target <= 1 ms)",
+            ))  # fmt: skip
+        rows.append((
+            "gateway: metered calls/s through one run's gateway, 32 connections", "-",
+            f"{calls:.0f}/s", f"{spent.calls.used} calls charged (target >= 500/s)",
+        ))  # fmt: skip
     finally:
         gw.close()
         ledger.close()
         fake.stdin.close()
         fake.wait()
-        tmp.cleanup()
 
 
 if __name__ == "__main__":
@@ -189,5 +198,3 @@ if __name__ == "__main__":
         upstream()
     elif sys.argv[1:2] == ["--load"]:
         load(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))
-    else:
-        main()
