@@ -6,6 +6,15 @@ the client's own key: custody off), with a ledger without limits when the policy
 budget (usage is still counted); ``off`` never.  The gateway (``supervisor.gateway``,
 aiohttp) is imported only when it is on.
 
+Where it listens (``enforced.gateway.listens`` in ``run_start``): in supervise's network
+namespace, which the tree shares (``host``); under ``network: deny``, where the tree lives:
+the helper makes the listening socket on 127.0.0.1:PORT after the command entered its own
+network namespace and sends it back (``netns``), so the gateway, served from outside, is
+the tree's only way out.  Where the namespace was refused and Landlock's TCP rules stand in,
+the socket is made in the host's namespace and the tree may connect to that one TCP port
+(``landlock port rule``); where that port is taken on the host, the tree cannot reach the
+gateway (None, and a fallback warning).
+
 Threads: the gateway serves on a thread of its own; every call it makes into the run's
 budget backend holds the run's lock, which the run's own thread holds except while it
 waits in ``poll()``.  So the ledger, the verdicts and the stop are only ever touched by one
@@ -20,6 +29,7 @@ import os
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
     from decimal import Decimal
     from typing import Any
 
@@ -100,37 +110,126 @@ class GatewayBackend:
         return self.backend.usage()
 
 
-def open_gateway(
-    providers: list[Provider],
-    plan: RunPlan,
-    backend: RunBackend,
-    events: BudgetEvents,
-    lock: Any,
-    wake: Wake,
-    env: dict[str, str],
-    sock: socket.socket | None = None,
-    warnings: list[str] | None = None,
-) -> Gateway:
-    """Start the run's gateway; ``env`` (the child's) gets its variables, and loses every
-    provider key whatever ``env.inherit`` said.  ``warnings`` (the run's fallbacks) gets
-    one when the tree cannot reach it."""
-    import secrets
-    import sys
+class Opening:
+    """The run's gateway from before the spawn to its start: ``open()`` before the spawn
+    (the child's environment; the helper's ``words`` and ``fds`` under ``network: deny``),
+    ``serve()`` after it (the gateway, serving the socket made in the tree's namespace)."""
 
-    from .gateway import Gateway, key_variables
+    RECEIVE_WAIT = 10.0  # seconds: the socket is sent before exec, so it is there already
 
-    section = _section(plan)
-    gw = Gateway(GatewayBackend(backend, events, wake), providers,
-                 token=secrets.token_urlsafe(32), lock=lock, sock=sock,
-                 listen=section.listen)  # fmt: skip
-    gw.start()
-    if plan.network == "deny" and sock is None and warnings is not None:
-        # The listening socket is not yet made inside the tree's network namespace: the
-        # tree cannot reach the gateway (nor anything else); its keys stay out all the same.
-        message = "network: deny: the LLM gateway is not reachable from the tree yet"
-        warnings.append(message)
-        print(f"supervise: warning: {message}", file=sys.stderr)
-    scrubbed = gw.scrub_env(env, key_variables(section))
-    env.clear()
-    env.update(scrubbed)
-    return gw
+    def __init__(self) -> None:
+        self.words: list[str] = []
+        self.fds: tuple[int, ...] = ()
+        self.listens: str | None = None
+        self.gateway: Gateway | None = None  # once it serves
+        self._start: Callable[[socket.socket], Gateway] | None = None
+        self._ours = -1
+
+    def open(
+        self,
+        providers: list[Provider],
+        plan: RunPlan,
+        backend: RunBackend,
+        events: BudgetEvents,
+        lock: Any,
+        wake: Wake,
+        env: dict[str, str],
+    ) -> None:
+        """Before the spawn: ``env`` (the child's) gets the gateway's variables, and loses
+        every provider key whatever ``env.inherit`` said."""
+        import secrets
+
+        from .gateway import Gateway, key_variables
+
+        section, token = _section(plan), secrets.token_urlsafe(32)
+        meter = GatewayBackend(backend, events, wake)
+
+        def start(sock: socket.socket | None) -> Gateway:
+            gw = Gateway(meter, providers, token=token, lock=lock, sock=sock,
+                         listen=section.listen)  # fmt: skip
+            gw.start()
+            return gw
+
+        if plan.network == "deny":
+            import _socket
+
+            from .limits import gateway_port, gateway_words
+
+            port = gateway_port(section.port)
+            ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            self._ours, self.fds = ours.detach(), (theirs.detach(),)
+            self.words = gateway_words(self.fds[0], port)
+            self._start = start
+            url = f"http://127.0.0.1:{port}"
+            scrubbed = _future_env(providers, token, url, env, key_variables(section))
+        else:
+            self.gateway = start(None)
+            self.listens = "host"
+            scrubbed = self.gateway.scrub_env(env, key_variables(section))
+        env.clear()
+        env.update(scrubbed)
+
+    def serve(self, network: str | None, warnings: list[str]) -> Gateway | None:
+        """After the spawn: the gateway, serving (under ``network: deny``) the socket the
+        helper made where the tree lives; ``network`` is what the kernel applied
+        (``Confinement.network``).  Without it, a fallback warning in ``warnings``."""
+        if self._start is None:
+            return self.gateway
+        self._close_helper_end()
+        sock = self._receive()
+        if sock is None:
+            # The Landlock fallback found the port taken on the host: the tree cannot
+            # reach the gateway (nor anything else); its keys stay out all the same.
+            import sys
+
+            message = "network: deny: the LLM gateway is not reachable from the tree"
+            warnings.append(message)
+            print(f"supervise: warning: {message}", file=sys.stderr)
+            return None
+        self.listens = "netns" if network == "namespace" else "landlock port rule"
+        self.gateway = self._start(sock)
+        return self.gateway
+
+    def _receive(self) -> socket.socket | None:
+        """The listening socket the helper sent, or None when it sent none (EOF)."""
+        import select
+        import socket
+
+        ours, self._ours = self._ours, -1
+        with socket.socket(fileno=ours) as channel:
+            poller = select.poll()
+            poller.register(ours, select.POLLIN)
+            if not poller.poll(self.RECEIVE_WAIT * 1000):
+                return None
+            try:
+                _, fds, _, _ = socket.recv_fds(channel, 1, 1, socket.MSG_CMSG_CLOEXEC)
+            except OSError:
+                return None
+        return socket.socket(fileno=fds[0]) if fds else None
+
+    def _close_helper_end(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = ()
+
+    def close(self) -> None:
+        """Free what ``serve()`` did not hand over (a run that failed to start)."""
+        self._close_helper_end()
+        if self._ours >= 0:
+            os.close(self._ours)
+            self._ours = -1
+        if self.gateway is not None:
+            self.gateway.close()
+
+
+def _future_env(
+    providers: list[Provider], token: str, url: str, env: dict[str, str], keys: set[str]
+) -> dict[str, str]:
+    """``Gateway.scrub_env`` for a gateway that will serve ``url`` once the spawn made its
+    socket: the same method, on an instance that has only what it reads."""
+    from .gateway import Gateway
+
+    endpoint = object.__new__(Gateway)
+    endpoint.providers = {p.name: p for p in providers}
+    endpoint.token, endpoint.url = token, url
+    return endpoint.scrub_env(env, keys)

@@ -31,7 +31,7 @@
  * both directions; status=FD ctl=FD name two one-way fds instead, e.g. two pipes):
  *   fd=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N[:HARD]] [nofile=N] [oom=N]
  *   [nproc=N] [scope=1] [lfs=MASK] [lnet=MASK] [rule=MASK:PATH]... [netns=1|2]
- *   [ipcns=1] [cgroup=DIR] [cwd=DIR] [pass=FD]... -- argv...
+ *   [gw=FD:PORT] [ipcns=1] [cgroup=DIR] [cwd=DIR] [pass=FD]... -- argv...
  *
  * scope=1 puts the command in a Landlock domain that scopes signals (ABI >= 6): nothing
  * of the tree can stop, kill or ptrace the reaper or the supervisor.  lfs and lnet are
@@ -44,6 +44,13 @@
  * entering a user namespace first when that is what it takes without privilege.
  * netns=1: fail when that is refused; netns=2: fall back to the lnet mask of a fallback
  * word "lnetfb=MASK" (Landlock's TCP rules) and go on.
+ *
+ * gw=FD:PORT (with netns) makes the LLM gateway's listening socket where the tree lives:
+ * once the command is in its new network namespace, a TCP socket bound to
+ * 127.0.0.1:PORT is made there and sent to the supervisor over FD (SCM_RIGHTS), which
+ * serves it from outside; the tree keeps no copy.  Under the Landlock fallback the socket
+ * is made the same way in the host's namespace, and the domain lets the tree connect to
+ * that one TCP port; if the port is taken there, nothing is sent and no port is opened.
  *
  * nproc=N puts the command in a new user namespace (mapping only its own uid and gid)
  * and sets RLIMIT_NPROC there: since Linux 5.14 the count is per namespace, so it
@@ -71,6 +78,8 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
+#include <netinet/in.h>
+#include <sys/uio.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -99,6 +108,8 @@
 #endif
 #define LANDLOCK_SCOPE_SIGNAL_BIT (1ULL << 1)
 #define LANDLOCK_RULE_PATH_BENEATH 1
+#define LANDLOCK_RULE_NET_PORT 2
+#define LANDLOCK_ACCESS_NET_CONNECT_TCP (1ULL << 1)
 #define MAX_RULES 256
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
@@ -320,6 +331,10 @@ struct path_beneath {
     int parent_fd;
 } __attribute__((packed));
 
+struct net_port {
+    unsigned long long allowed_access, port;
+};
+
 /* A seccomp filter: the tree cannot change the limits or the scheduling of another
  * process.  Same-uid processes may set each other's rlimits, nice value, policy, CPU
  * affinity and I/O priority, and Landlock does not govern any of it: the tree could give
@@ -480,7 +495,7 @@ struct opts {
     pid_t ppid;
     long long cpu_hard, as, fsize, fsize_hard, nofile, nproc, oom;
     unsigned long long lfs, lnet, lnetfb;
-    int scope, netns, ipcns, nrules, npass;
+    int scope, netns, ipcns, nrules, npass, gw_fd, gw_port;
     const char *rules[MAX_RULES];
     const char *cwd, *cgroup;
     int pass[MAX_PASS];
@@ -493,6 +508,7 @@ static int parse_args(int argc, char **argv, struct opts *o) {
     memset(o, 0, sizeof *o);
     o->cpu_hard = o->as = o->fsize = o->fsize_hard = o->nofile = o->nproc = -1;
     o->oom = -1000000;
+    o->gw_fd = -1;
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
         char *a = argv[i];
         if (!strncmp(a, "fd=", 3)) status_fd = ctl_fd = atoi(a + 3);
@@ -510,6 +526,13 @@ static int parse_args(int argc, char **argv, struct opts *o) {
         else if (!strncmp(a, "rule=", 5) && o->nrules < MAX_RULES && strchr(a, ':'))
             o->rules[o->nrules++] = a + 5;
         else if (!strncmp(a, "netns=", 6)) o->netns = atoi(a + 6);
+        else if (!strncmp(a, "gw=", 3)) {
+            if (sscanf(a + 3, "%d:%d", &o->gw_fd, &o->gw_port) != 2 || o->gw_port <= 0 ||
+                o->gw_port > 65535) {
+                fprintf(stderr, "supervise reaper: bad argument %s (gw=FD:PORT)\n", a);
+                return 125;
+            }
+        }
         else if (!strncmp(a, "ipcns=", 6)) o->ipcns = atoi(a + 6);
         else if (!strncmp(a, "cgroup=", 7)) o->cgroup = a + 7;
         else if (!strncmp(a, "nofile=", 7)) o->nofile = atoll(a + 7);
@@ -600,8 +623,9 @@ static void apply_rlimits(const struct opts *o, int errfd) {
 }
 
 /* In the command: the user namespace (RLIMIT_NPROC counted per namespace), the network
- * and IPC namespaces.  Sets *lnet to the Landlock TCP fallback when netns=2 needs it. */
-static void enter_namespaces(const struct opts *o, int errfd, unsigned long long *lnet) {
+ * and IPC namespaces.  Sets *lnet to the Landlock TCP fallback when netns=2 needs it.
+ * Returns 1 when the command has a network namespace of its own. */
+static int enter_namespaces(const struct opts *o, int errfd, unsigned long long *lnet) {
     struct rlimit rl;
     /* Where user namespaces are refused (sysctl, LSM), the watcher alone counts
      * processes; the supervisor sees which from /proc/PID/ns/user. */
@@ -620,10 +644,12 @@ static void enter_namespaces(const struct opts *o, int errfd, unsigned long long
         rl.rlim_cur = rl.rlim_max = o->nproc;
         if (setrlimit(RLIMIT_NPROC, &rl) != 0) fail_child(errfd, "rlimit_nproc");
     }
+    int own_net = 0;
     if (o->netns) {
-        int ok = unshare(CLONE_NEWNET) == 0;
-        if (!ok && !in_userns && enter_userns(uid, gid) == 0) ok = unshare(CLONE_NEWNET) == 0;
-        if (ok) loopback_up();
+        own_net = unshare(CLONE_NEWNET) == 0;
+        if (!own_net && !in_userns && enter_userns(uid, gid) == 0)
+            own_net = unshare(CLONE_NEWNET) == 0;
+        if (own_net) loopback_up();
         else if (o->netns == 2 && o->lnetfb) *lnet = o->lnetfb;
         else fail_child(errfd, "netns");
     }
@@ -631,10 +657,60 @@ static void enter_namespaces(const struct opts *o, int errfd, unsigned long long
      * go with its last process instead of outliving the run.  Needs privilege (root,
      * or a user namespace entered above); without it the tree shares the host's. */
     if (o->ipcns) unshare(CLONE_NEWIPC);
+    return own_net;
+}
+
+/* In the command, after enter_namespaces and before Landlock: the gateway's listening
+ * socket on 127.0.0.1:PORT, made in the namespace the tree lives in and sent to the
+ * supervisor (see gw= at the top).  Returns the port the Landlock domain must let the
+ * tree connect to: PORT under the TCP fallback, else 0.  In a namespace of its own the
+ * port is free (the namespace is new); in the host's it may be taken: then the tree is
+ * given no port, and the supervisor, receiving nothing, says so. */
+static int make_gateway_socket(const struct opts *o, int errfd, int own_net,
+                               unsigned long long lnet) {
+    if (o->gw_fd < 0 || !o->netns || (!own_net && !lnet)) return 0;
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) fail_child(errfd, "gateway_socket");
+    int one = 1;
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((unsigned short)o->gw_port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(s, (struct sockaddr *)&addr, sizeof addr) != 0) {
+        if (own_net) fail_child(errfd, "gateway_bind");
+        close(s); /* the host's port is taken: no way to the gateway, and no port opened */
+        close(o->gw_fd);
+        return 0;
+    }
+    if (listen(s, 1024) != 0) fail_child(errfd, "gateway_listen");
+    char cbuf[CMSG_SPACE(sizeof(int))];
+    memset(cbuf, 0, sizeof cbuf);
+    char byte = 'g';
+    struct iovec iov = {&byte, 1};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf;
+    msg.msg_controllen = sizeof cbuf;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &s, sizeof(int));
+    ssize_t sent;
+    do sent = sendmsg(o->gw_fd, &msg, MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+    if (sent != 1) fail_child(errfd, "gateway_send");
+    close(s); /* the supervisor holds it now; the tree keeps none */
+    close(o->gw_fd);
+    return own_net ? 0 : o->gw_port;
 }
 
 /* In the command: the Landlock domain (the workspace jail, TCP rules, signal scope). */
-static void apply_landlock(const struct opts *o, int errfd, unsigned long long lnet) {
+static void apply_landlock(const struct opts *o, int errfd, unsigned long long lnet, int port) {
     unsigned long long lfs = o->lfs;
     int scope = o->scope;
     if (!(scope || lfs || lnet)) return;
@@ -654,6 +730,12 @@ static void apply_landlock(const struct opts *o, int errfd, unsigned long long l
         if (syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_PATH_BENEATH, &pb, 0) != 0)
             fail_child(errfd, "landlock_rule");
         close(pb.parent_fd);
+    }
+    if (port > 0 && (lnet & LANDLOCK_ACCESS_NET_CONNECT_TCP)) {
+        /* The gateway's port, the only one the tree may connect to (TCP fallback). */
+        struct net_port np = {LANDLOCK_ACCESS_NET_CONNECT_TCP, (unsigned long long)port};
+        if (syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_NET_PORT, &np, 0) != 0)
+            fail_child(errfd, "landlock_port");
     }
     /* The command's own stdin/stdout/stderr stay reopenable (echo >/dev/stderr)
      * when they are files or terminals: they are where the user sent its output. */
@@ -686,9 +768,10 @@ static void exec_command(const struct opts *o, int errfd, pid_t reaper) {
     if (o->cgroup) join_cgroup(o->cgroup);
     apply_rlimits(o, errfd);
     unsigned long long lnet = o->lnet;
-    enter_namespaces(o, errfd, &lnet);
+    int own_net = enter_namespaces(o, errfd, &lnet);
+    int port = make_gateway_socket(o, errfd, own_net, lnet);
     drop_caps();
-    apply_landlock(o, errfd, lnet);
+    apply_landlock(o, errfd, lnet, port);
     /* The filter needs no_new_privs; the Landlock domain above has set it already. */
     if (!prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)) prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
     if (guard_other_processes() != 0 && errno != ENOSYS && errno != EINVAL)
@@ -804,6 +887,7 @@ int main(int argc, char **argv) {
         exec_command(&o, errpipe[1], me);
     }
     close(errpipe[1]);
+    if (o.gw_fd >= 0) close(o.gw_fd); /* the command's to send on: EOF once it is done */
     report_start(errpipe[0], parent_fd, o.scope);
     watch_tree(sfd, parent_fd);
     /* The tree is empty: its pids cgroup goes too (the supervisor tries again, in case

@@ -33,6 +33,14 @@ if TYPE_CHECKING:
     from .result import RunResult, Violation
     from .spawn import Child
 
+    class Served(Protocol):
+        """The run's gateway as ``run_start`` records it (``_gateway_run.Opening``)."""
+
+        @property
+        def gateway(self) -> Gateway | None: ...
+        @property
+        def listens(self) -> str | None: ...
+
 
 class TokenBucket:
     """At most ``burst`` at once, then ``rate`` a second; counts what it turned away.
@@ -220,7 +228,7 @@ class RunLog:
         confine: Confinement,
         rlimits: list[str],
         processes_cap: str | None,
-        gateway: Gateway | None = None,
+        gateway: Served | None = None,
     ) -> None:
         """``run_start``: the command, the policy, and what is enforced, from evidence."""
         self.log(
@@ -270,12 +278,14 @@ class RunLog:
         self.audit.close()
 
 
-def _gateway_evidence(gw: Gateway | None) -> dict[str, Any] | None:
-    """What ``run_start`` records of the gateway: where it listens, whom it serves (no key)."""
-    if gw is None:
+def _gateway_evidence(served: Served | None) -> dict[str, Any] | None:
+    """What ``run_start`` records of the gateway: where it listens (its URL; the network
+    namespace it is reachable from, see ``_gateway_run``), whom it serves (no key)."""
+    gw = None if served is None else served.gateway
+    if served is None or gw is None:
         return None
     providers = {
         p.name: {"kind": p.kind, "upstream": p.upstream, "custody": p.key is not None}
         for p in gw.providers.values()
     }
-    return {"url": gw.url, "providers": providers}
+    return {"url": gw.url, "listens": served.listens, "providers": providers}

@@ -106,6 +106,20 @@ def network_words(landlock_abi: int | None) -> list[str]:
     return ["netns=1"]
 
 
+def gateway_words(fd: int, port: int) -> list[str]:
+    """``network: deny`` with the gateway on: the helper makes the gateway's listening
+    socket (127.0.0.1:``port``) where the tree lives and sends it over ``fd``; under the
+    Landlock TCP fallback that port is the one the tree may connect to."""
+    return [f"gw={fd}:{port}"]
+
+
+def gateway_port(fixed: int) -> int:
+    """The port the gateway listens on in the tree's namespace: ``gateway.listen``'s if
+    fixed (not 0), else one picked now (the namespace is new and empty, so any is free,
+    and the child's environment can carry it before the spawn)."""
+    return fixed or 20000 + int.from_bytes(os.urandom(4), "big") % 40000
+
+
 def cgroup_words(path: str) -> list[str]:
     """The pids cgroup the command joins before exec."""
     return [f"cgroup={path}"]

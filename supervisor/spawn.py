@@ -306,6 +306,7 @@ def spawn(
     env: dict[str, str],
     cwd: str | None = None,
     pass_fds: tuple[int, ...] = (),
+    helper_fds: tuple[int, ...] = (),
     stdin: object = None,
     stdout: object = None,
     stderr: object = None,
@@ -313,6 +314,7 @@ def spawn(
     """Start ``argv`` under the reaper; return once it was exec'ed, or raise SpawnError.
 
     ``rlimits`` are the reaper's ``key=value`` words (``cpu=S:H``, ``as=N``, ...).
+    ``pass_fds`` reach the command; ``helper_fds`` only the reaper (a word names each).
     """
     if not argv:
         raise SpawnError("no command given", step="argv")
@@ -333,7 +335,7 @@ def spawn(
     # dup2(fd, fd) clears close-on-exec for just this child (glibc >= 2.29), so
     # another thread's spawn cannot inherit these pipes.
     actions: list[tuple[int, int, int]] = [(os.POSIX_SPAWN_DUP2, theirs, theirs)]
-    actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in pass_fds]
+    actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in (*pass_fds, *helper_fds)]
     for target, value in ((0, stdin), (1, stdout), (2, stderr)):
         action = _std_action(target, value)
         if action is not None:

@@ -127,6 +127,7 @@ class Run:
         self.rpc: RpcServer | None = None
         self.backend: RunBackend | None = None
         self.gateway: Gateway | None = None
+        self.opening = _gateway_run.Opening()  # the gateway until it serves: see _gateway_run
         self.lock = _thread.allocate_lock()  # held but in poll(): see _gateway_run
         self.log = RunLog(None, self.result, self._fail_closed)
         self.hooks = HookRunner(self.log.hook_failed)
@@ -155,17 +156,16 @@ class Run:
     def _execute(self, t0: float) -> RunResult:
         try:
             self.log.audit = open_audit(self.plan, self.sup.audit_path)
-            child, rlimits = self._spawn()
+            child, rlimits, confine = self._spawn()
         except SupervisorError as e:
             return self._failed(e, t0)
-        confine = self.confine
-        assert confine is not None
         confine.after_spawn(child.pid)
         if self.rpc is not None:
             self.rpc.close_child_end()
+        self.gateway = self.opening.serve(confine.network, confine.warnings)
         try:
             evidence = nproc_evidence(self.plan, child.pid)
-            self.log.start(self.plan, self.argv, child, confine, rlimits, evidence, self.gateway)
+            self.log.start(self.plan, self.argv, child, confine, rlimits, evidence, self.opening)
             self._logged_start = True
             for message in confine.warnings:
                 self.log.log("warning", action="fallback", detail=message)
@@ -182,7 +182,7 @@ class Run:
         _stop.close_unlocked(self.gateway, self.lock)  # calls in flight settle before holds
         return self._finish(t0)
 
-    def _spawn(self) -> tuple[Child, list[str]]:
+    def _spawn(self) -> tuple[Child, list[str], Confinement]:
         plan, res = self.plan, self.result
         ids = {"SUPERVISE_RUN_ID": res.run_id} | (
             {"SUPERVISE_AGENT": res.agent} if res.agent else {}
@@ -199,10 +199,11 @@ class Run:
             argv = [os.path.abspath(argv[0]), *argv[1:]]
         stdin, stdout, stderr = self.std
         cwd = self.cwd if self.cwd is not None or ws is None else ws.path
-        self.child = spawn.spawn(argv, rlimits=words, env=env, pass_fds=pass_fds, cwd=cwd,
-                           stdin=stdin, stdout=stdout, stderr=stderr)  # fmt: skip
+        self.child = spawn.spawn(argv, rlimits=[*words, *self.opening.words], env=env, cwd=cwd,
+                                 pass_fds=pass_fds, helper_fds=self.opening.fds, stdin=stdin,
+                                 stdout=stdout, stderr=stderr)  # fmt: skip
         self.stopper.attach(self.child)
-        return self.child, rlimits
+        return self.child, rlimits, confine
 
     def _open_rpc(self, env: dict[str, str]) -> tuple[int, ...]:
         from ._backend import open_rpc
@@ -219,9 +220,7 @@ class Run:
         self.backend, self.rpc, events = opened
         env.update(self.rpc.child_env())
         if providers:
-            self.gateway = _gateway_run.open_gateway(
-                providers, self.plan, self.backend, events, self.lock, self.wake, env,
-                warnings=confine.warnings)  # fmt: skip
+            self.opening.open(providers, self.plan, self.backend, events, self.lock, self.wake, env)
         return (self.rpc.child_fd,)
 
     def _fail_closed(self, error: SupervisorError, at_once: bool = True) -> None:
@@ -347,7 +346,7 @@ class Run:
     # -- the end -------------------------------------------------------------------
 
     def _close(self) -> None:
-        for part in (self.gateway, self.confine, self.rpc, self.backend, self.child):
+        for part in (self.gateway, self.opening, self.confine, self.rpc, self.backend, self.child):
             if part is not None:
                 part.close()  # the child's: the reaper kills what is left, and is reaped
         self.wake.close()

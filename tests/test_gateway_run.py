@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from decimal import Decimal
@@ -193,8 +195,6 @@ def test_curl_without_the_token_is_refused(fake: FakeProvider, tmp_path: Path) -
 def test_the_cli_caps_any_agent_with_one_set(fake: FakeProvider, tmp_path: Path) -> None:
     """``supervise --set budget.run.usd=... -- CMD``: the gateway is on by itself when
     supervise holds a key (here from its environment)."""
-    import subprocess
-
     env = {**os.environ, "OPENAI_API_KEY": KEY, "XDG_STATE_HOME": str(tmp_path)}
     providers = f"{{openai: {{kind: openai, upstream: '{fake.url}/v1', key_env: OPENAI_API_KEY}}}}"
     done = subprocess.run(
@@ -209,18 +209,167 @@ def test_the_cli_caps_any_agent_with_one_set(fake: FakeProvider, tmp_path: Path)
     assert Decimal(str(result["usage"]["usd"])) == CHAT
 
 
-def test_network_deny_keeps_the_keys_out_and_says_the_gateway_is_unreachable(
+# argv[2]: the fake provider's port.  The tree tries every way out but the gateway: the
+# provider directly, an address outside, the listening socket among its own fds.
+DENY_CALL = (
+    """
+import os, socket, sys
+def reach(host, port):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return "open"
+    except OSError:
+        return "shut"
+rpc, held = os.environ.get("SUPERVISE_RPC_FD"), []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        if fd != rpc and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+            held.append(fd)
+    except OSError:
+        pass  # the listing's own fd, closed by now
+print("WAYS", reach("127.0.0.1", int(sys.argv[2])), reach("1.1.1.1", 443), len(held), flush=True)
+"""
+    + SDK_CALL
+)
+
+
+def run_denied(pol: Policy, fake: FakeProvider, tmp_path: Path) -> tuple[Any, str]:
+    """Run the SDK child that tries every way out under ``pol``; its result and stdout."""
+    out = tmp_path / "out.txt"
+    argv = [sys.executable, "-c", DENY_CALL, KEY[::-1], fake.url.rpartition(":")[2]]
+    with open(out, "w") as f:
+        result = Supervisor(pol).run(argv, stdout=f)
+    return result, out.read_text()
+
+
+def test_network_deny_leaves_the_gateway_as_the_only_way_out(
     fake: FakeProvider, tmp_path: Path
 ) -> None:
-    """Under ``network: deny`` the gateway is not yet served inside the tree's namespace: the
-    run says so (a fallback warning in the audit), and the key still stays out of the tree."""
+    """Under ``network: deny`` the gateway listens in the tree's own network namespace: the
+    SDK child is metered exactly through it, while the provider itself, any address outside
+    and the listening socket (no fd of the tree) are out of its reach."""
     audit = tmp_path / "audit.jsonl"
-    pol = policy(fake, tmp_path / "key", audit, network="deny")
-    out = tmp_path / "env.txt"
-    code = "import os; print(os.environ.get('OPENAI_API_KEY'))"
-    with open(out, "w") as f:
-        result = Supervisor(pol).run([sys.executable, "-c", code], stdout=f)
-    assert result.exit_code == 0
-    assert out.read_text().strip() not in ("None", KEY)
+    result, out = run_denied(policy(fake, tmp_path / "key", audit, network="deny"), fake, tmp_path)
+    assert result.exit_code == 0, (out, result.error)
+    assert "WAYS shut shut 0" in out
+    assert "USAGE 1200 300" in out
+    assert result.usage.api_calls == 1 and result.usage.usd == CHAT
+    assert len(fake.seen) == 1 and fake.seen[0][1].get("Authorization") == f"Bearer {KEY}"
+    enforced = events(audit, "run_start")[0]["detail"]["enforced"]
+    assert enforced["network"] == "namespace"
+    assert enforced["gateway"]["listens"] == "netns"
+    assert not [e for e in events(audit, "warning") if e["action"] == "fallback"]
+
+
+def test_network_deny_with_a_fixed_listen_port(fake: FakeProvider, tmp_path: Path) -> None:
+    """A fixed ``gateway.listen`` port under ``network: deny`` is the port in the tree's
+    namespace (agents read it from a config file); the host's port stays free."""
+    port = free_port()
+    pol = policy(fake, tmp_path / "key", tmp_path / "a.jsonl", network="deny",
+                 gateway__listen=f"127.0.0.1:{port}")  # fmt: skip
+    result, out = run_denied(pol, fake, tmp_path)
+    assert result.exit_code == 0, (out, result.error)
+    assert f"http://127.0.0.1:{port}" in out and "WAYS shut shut 0" in out
+    assert result.usage.api_calls == 1 and result.usage.usd == CHAT
+    with socket.socket() as s:  # nothing of the run took the port on the host
+        s.bind(("127.0.0.1", port))
+
+
+def test_the_gateway_listens_on_the_host_without_network_deny(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """Without ``network: deny`` the gateway listens in supervise's namespace (``host``)."""
+    audit = tmp_path / "audit.jsonl"
+    result, out = run_sdk(policy(fake, tmp_path / "key", audit), tmp_path)
+    assert result.exit_code == 0, out
+    assert events(audit, "run_start")[0]["detail"]["enforced"]["gateway"]["listens"] == "host"
+
+
+def _no_netns_prefix() -> list[str]:
+    """argv that runs a command where network namespaces are refused (no capabilities, no
+    user namespaces left), so ``network: deny`` takes Landlock's TCP fallback; skips where
+    this cannot be set up."""
+    from supervisor._linux import landlock_abi
+
+    abi = landlock_abi()
+    if abi is None or abi < 4:
+        pytest.skip("no Landlock TCP rules (ABI 4) on this kernel: no fallback to force")
+    if not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("needs unshare and setpriv (util-linux) to refuse network namespaces")
+    script = (
+        "echo 0 > /proc/sys/user/max_user_namespaces && "
+        'exec setpriv --bounding-set=-all --inh-caps=-all -- "$@"'
+    )
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh",
+         "unshare", "--net", "true"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if "unshare failed" not in probe.stderr:
+        pytest.skip(f"cannot make a place without network namespaces: {probe.stderr.strip()}")
+    return ["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh"]
+
+
+def run_without_netns(
+    fake: FakeProvider, tmp_path: Path, listen: str = "127.0.0.1:0"
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``supervise`` (the CLI) running the SDK child under ``network: deny`` where network
+    namespaces are refused; the finished process and the audit log."""
+    prefix = _no_netns_prefix()
+    audit, key_file, pol = tmp_path / "audit.jsonl", tmp_path / "key", tmp_path / "policy.yaml"
+    key_file.write_text(KEY + "\n")
+    pol.write_text(
+        "network: deny\n"
+        f"audit: {audit}\n"
+        "budget: {run: {usd: 1}}\n"
+        f"gateway: {{listen: '{listen}', providers: {{openai: {{kind: openai, "
+        f"upstream: '{fake.url}/v1', key_file: '{key_file}'}}}}}}\n"
+    )
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "supervisor", "-q", "-p", str(pol), "--json", "-",
+         "--", sys.executable, "-c", DENY_CALL, KEY[::-1], fake.url.rpartition(":")[2]],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return done, audit
+
+
+def test_the_landlock_fallback_lets_the_tree_reach_the_gateway_port_only(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """Where the network namespace is refused, Landlock's TCP rules allow a connect to the
+    gateway's port alone: the SDK child is metered through it, and the provider's own port
+    and any address outside stay shut."""
+    done, audit = run_without_netns(fake, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "WAYS shut shut 0" in done.stdout
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["usage"]["api_calls"] == 1
+    assert Decimal(str(result["usage"]["usd"])) == CHAT
+    enforced = events(audit, "run_start")[0]["detail"]["enforced"]
+    assert enforced["network"] == "landlock-tcp"
+    assert enforced["gateway"]["listens"] == "landlock port rule"
+
+
+def test_the_landlock_fallback_with_the_port_taken_leaves_the_tree_without_a_way_out(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """Where the fallback finds the gateway's fixed port taken on the host, the tree gets no
+    port at all (not even the taken one): the run says the gateway is unreachable, the keys
+    stay out, and nothing reaches the provider."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(8)
+        taken.setblocking(False)
+        port = taken.getsockname()[1]
+        done, audit = run_without_netns(fake, tmp_path, listen=f"127.0.0.1:{port}")
+        with pytest.raises(BlockingIOError):
+            taken.accept()  # the tree never connected to the port's other owner
+    assert done.returncode == 1 and "Permission denied" in done.stderr  # Landlock: EACCES
+    assert "gateway is not reachable" in done.stderr
+    assert "WAYS shut shut 0" in done.stdout
+    assert KEY not in done.stdout and fake.seen == []
+    enforced = events(audit, "run_start")[0]["detail"]["enforced"]
+    assert enforced["network"] == "landlock-tcp" and enforced["gateway"] is None
     fallbacks = [e["detail"] for e in events(audit, "warning") if e["action"] == "fallback"]
     assert any("gateway is not reachable" in str(d) for d in fallbacks), fallbacks
