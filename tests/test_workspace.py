@@ -515,10 +515,10 @@ def test_deleted_file_held_open_still_counts() -> None:
         "import os, time\n"
         "f = open('f', 'wb'); f.write(b'x' * (3 << 20)); f.flush(); os.unlink('f')\n"
         "g = open('g', 'wb'); g.write(b'x' * (3 << 20)); g.flush(); os.unlink('g')\n"
-        "time.sleep(5)\n"
+        "time.sleep(600)\n"  # held open until the quota stops it (wall_time: a hang fails)
     )
     policy = Policy.from_dict(
-        {"workspace": {"quota": "4MiB", "max_file_size": None}, "limits": {"wall_time": "20s"}}
+        {"workspace": {"quota": "4MiB", "max_file_size": None}, "limits": {"wall_time": "60s"}}
     )
     result = Supervisor(policy).run(python(code))
     assert result.violation is not None
