@@ -1,10 +1,27 @@
 """The LLM gateway in a run: whether it is on, its backend adapter, and the child's env.
 
-``gateway: auto`` (the default) is on when the policy has a budget and supervise holds a
-provider key; ``on`` is on whatever (a provider whose key supervise does not hold passes
-the client's own key: custody off), with a ledger without limits when the policy has no
-budget (usage is still counted); ``off`` never.  The gateway (``supervisor.gateway``,
-aiohttp) is imported only when it is on.
+``gateway: auto`` (the default) is on when the policy has a budget; ``on`` is on whatever,
+with a ledger without limits when the policy has no budget (usage is still counted);
+``off`` never.  The gateway (``supervisor.gateway``, aiohttp) is imported only when it is
+on.  It serves every configured provider: one whose key supervise holds with that key
+(custody), one whose key it does not hold with the key the client sends beside the run
+token (custody off: what an instrumented SDK client does).
+
+The child's environment (``child_env``): the variables SDKs and agents read
+(``OPENAI_BASE_URL``, ``ANTHROPIC_BASE_URL``, the key variables = the run token,
+``SUPERVISE_GATEWAY``: SPEC) point at the gateway for each provider kind whose key
+supervise holds (under ``on``: every kind); a kind whose key it does not hold keeps its
+variables as they were, so a program that is not instrumented talks to its provider with
+its own key as before.  Whenever the gateway runs, the child also gets, for
+``supervisor.instrument``:
+
+- ``SUPERVISE_GATEWAY_URL``: the gateway's base URL (``http://127.0.0.1:PORT``);
+- ``SUPERVISE_GATEWAY_TOKEN``: the run token (header ``x-supervise-token``);
+- ``SUPERVISE_GATEWAY_PROVIDERS``: JSON ``{name: [kind, upstream]}``, so a client is sent
+  to the route whose upstream is its own base URL (``<url>/<name>``).
+
+Under ``network: deny`` with no key held, the gateway is not started (the tree could not
+reach it, nor the provider).
 
 Threads: the gateway serves on a thread of its own; every call it makes into the run's
 budget backend holds the run's lock, which the run's own thread holds except while it
@@ -43,7 +60,9 @@ def wanted(plan: RunPlan, environ: dict[str, str] | None = None) -> list[Provide
     from .gateway import resolve
 
     environ = dict(os.environ) if environ is None else environ
-    providers = resolve(_section(plan), environ, keyless=mode == "on")
+    providers = resolve(_section(plan), environ, keyless=True)
+    if mode == "auto" and plan.network == "deny" and not any(p.key for p in providers):
+        return None  # only instrumented clients would use it, and they cannot reach out
     return providers or None
 
 
@@ -124,13 +143,54 @@ def open_gateway(
                  token=secrets.token_urlsafe(32), lock=lock, sock=sock,
                  listen=section.listen)  # fmt: skip
     gw.start()
-    if plan.network == "deny" and sock is None and warnings is not None:
+    redirect = {p.kind for p in providers if p.key or _mode(plan.gateway) == "on"}
+    if plan.network == "deny" and sock is None and warnings is not None and redirect:
         # The listening socket is not yet made inside the tree's network namespace: the
         # tree cannot reach the gateway (nor anything else); its keys stay out all the same.
         message = "network: deny: the LLM gateway is not reachable from the tree yet"
         warnings.append(message)
         print(f"supervise: warning: {message}", file=sys.stderr)
-    scrubbed = gw.scrub_env(env, key_variables(section))
+    new = child_env(gw, providers, redirect, env, key_variables(section))
     env.clear()
-    env.update(scrubbed)
+    env.update(new)
     return gw
+
+
+# The variables the gateway sets per provider kind (``Gateway.child_env``).
+_KIND_VARIABLES = {
+    "openai": ("OPENAI_BASE_URL", "OPENAI_API_BASE", "OPENAI_API_KEY"),
+    "anthropic": ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"),
+}
+
+
+def child_env(
+    gw: Gateway, providers: list[Provider], redirect: set[str], env: dict[str, str],
+    key_names: set[str],
+) -> dict[str, str]:  # fmt: skip
+    """The child's environment: ``redirect``'s kinds point at the gateway (keys removed),
+    the others keep their variables; the instrumentation's variables in any case."""
+    import json
+
+    if redirect:
+        new = gw.scrub_env(env, key_names)
+        held = [p.key for p in providers if p.key]
+        for kind, names in _KIND_VARIABLES.items():
+            if kind in redirect:
+                continue
+            for name in names:  # not redirected: as it was before the gateway
+                if name in env and not any(key in env[name] for key in held):
+                    new[name] = env[name]
+                else:
+                    new.pop(name, None)
+    else:
+        new = dict(env)
+        new.pop("SUPERVISE_GATEWAY", None)  # SPEC: only where the SDK variables point at it
+        for name in ("NO_PROXY", "no_proxy"):
+            hosts = [h for h in new.get(name, "").split(",") if h]
+            new[name] = ",".join([*hosts, *(h for h in ("127.0.0.1",) if h not in hosts)])
+    new["SUPERVISE_GATEWAY_URL"] = gw.url
+    new["SUPERVISE_GATEWAY_TOKEN"] = gw.token
+    new["SUPERVISE_GATEWAY_PROVIDERS"] = json.dumps(
+        {p.name: [p.kind, p.upstream] for p in providers}, separators=(",", ":")
+    )
+    return new
