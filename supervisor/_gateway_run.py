@@ -143,7 +143,7 @@ def open_gateway(
                  token=secrets.token_urlsafe(32), lock=lock, sock=sock,
                  listen=section.listen)  # fmt: skip
     gw.start()
-    redirect = {p.kind for p in providers if p.key or _mode(plan.gateway) == "on"}
+    redirect: set[str] = {p.kind for p in providers if p.key or _mode(plan.gateway) == "on"}
     if plan.network == "deny" and sock is None and warnings is not None and redirect:
         # The listening socket is not yet made inside the tree's network namespace: the
         # tree cannot reach the gateway (nor anything else); its keys stay out all the same.

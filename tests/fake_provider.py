@@ -10,8 +10,9 @@ flushed event by event), ``gate`` stops a stream halfway until ``gate`` is set, 
 adds Anthropic server-tool usage (two cumulative ``message_delta``), ``priority`` answers
 with that ``service_tier``, ``flaky`` answers HTTP 500 to the first request that carries it
 (then as usual: an SDK's retry succeeds). Also served: ``/v1/embeddings``, ``/v1/models``,
-``/v1/messages/count_tokens``, legacy ``/v1/completions``. ``honor`` answers as a real provider would: no more
-completion tokens than the request's max tokens, fewer prompt tokens than its bytes.
+``/v1/messages/count_tokens``, legacy ``/v1/completions``. ``honor`` answers as a real
+provider would: no more completion tokens than the request's max tokens, fewer prompt
+tokens than its bytes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The budget RPC fallback of the instrumentation (by hand: ``budget=``), against a fake provider."""
+"""The instrumentation's budget RPC fallback (``budget=``), against a fake provider."""
 
 from __future__ import annotations
 
