@@ -332,3 +332,42 @@ def test_outside_supervise_nothing_breaks(
     r = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert r.usage is not None and r.usage.prompt_tokens == CHAT[0]
     c.close()
+
+
+ENV_CHILD = """
+import json, os
+names = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY",
+         "SUPERVISE_GATEWAY", "SUPERVISE_GATEWAY_URL", "SUPERVISE_GATEWAY_PROVIDERS")
+print(json.dumps({n: os.environ.get(n) for n in names}))
+"""
+
+
+def test_only_the_kinds_whose_key_supervise_holds_are_redirected(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """No key held: the SDK variables stay as they were (the child's own key included) and
+    the instrumentation gets the gateway; an OpenAI key held: only OpenAI's are redirected."""
+    own = {"OPENAI_API_KEY": OWN_KEY, "ANTHROPIC_API_KEY": OWN_KEY}
+    pol = policy(fake, tmp_path, env={"set": own})
+    result, out, err = run(pol, ENV_CHILD, "", tmp_path)
+    env = json.loads(out)
+    assert result.exit_code == 0, err
+    assert env["OPENAI_BASE_URL"] is None and env["SUPERVISE_GATEWAY"] is None
+    assert env["OPENAI_API_KEY"] == OWN_KEY and env["ANTHROPIC_API_KEY"] == OWN_KEY
+    assert env["SUPERVISE_GATEWAY_URL"].startswith("http://127.0.0.1:")
+    assert json.loads(env["SUPERVISE_GATEWAY_PROVIDERS"]) == {
+        "openai": ["openai", f"{fake.url}/v1"],
+        "anthropic": ["anthropic", fake.url],
+    }
+    key = tmp_path / "key"
+    key.write_text(HELD_KEY)
+    providers = {
+        "openai": {"kind": "openai", "upstream": f"{fake.url}/v1", "key_file": str(key)},
+        "anthropic": {"kind": "anthropic", "upstream": fake.url},
+    }
+    pol = policy(fake, tmp_path, env={"set": own}, gateway={"providers": providers})
+    result, out, err = run(pol, ENV_CHILD, "", tmp_path)
+    env = json.loads(out)
+    assert env["OPENAI_BASE_URL"] == f"{env['SUPERVISE_GATEWAY']}/openai/v1"
+    assert env["OPENAI_API_KEY"] not in (OWN_KEY, HELD_KEY)  # the run token
+    assert env["ANTHROPIC_BASE_URL"] is None and env["ANTHROPIC_API_KEY"] == OWN_KEY
