@@ -1,27 +1,25 @@
 """The LLM gateway in a run: whether it is on, its backend adapter, and the child's env.
 
-``gateway: auto`` (the default) is on when the policy has a budget; ``on`` is on whatever,
-with a ledger without limits when the policy has no budget (usage is still counted);
-``off`` never.  The gateway (``supervisor.gateway``, aiohttp) is imported only when it is
-on.  It serves every configured provider: one whose key supervise holds with that key
-(custody), one whose key it does not hold with the key the client sends beside the run
-token (custody off: what an instrumented SDK client does).
+``gateway: auto`` (the default) is on when the policy has a budget and supervise holds a
+provider key; ``on`` is on whatever, with a ledger without limits when the policy has no
+budget (usage is still counted); ``off`` never.  The gateway (``supervisor.gateway``,
+aiohttp) is imported only when it is on.  It serves every configured provider: one
+whose key supervise holds with that key (custody), one whose key it does not hold with
+the key the client sends beside the run token (custody off: what an instrumented SDK
+client does).
 
 The child's environment (``child_env``): the variables SDKs and agents read
 (``OPENAI_BASE_URL``, ``ANTHROPIC_BASE_URL``, the key variables = the run token,
 ``SUPERVISE_GATEWAY``: SPEC) point at the gateway for each provider kind whose key
-supervise holds (under ``on``: every kind); a kind whose key it does not hold keeps its
-variables as they were, so a program that is not instrumented talks to its provider with
-its own key as before.  Whenever the gateway runs, the child also gets, for
-``supervisor.instrument``:
+supervise holds; a kind whose key it does not hold keeps its variables as they were, so a
+program that is not instrumented talks to its provider with its own key as before (its
+key was scrubbed and replaced by the token otherwise, which no provider takes).  Whenever
+the gateway runs, the child also gets, for ``supervisor.instrument``:
 
 - ``SUPERVISE_GATEWAY_URL``: the gateway's base URL (``http://127.0.0.1:PORT``);
 - ``SUPERVISE_GATEWAY_TOKEN``: the run token (header ``x-supervise-token``);
 - ``SUPERVISE_GATEWAY_PROVIDERS``: JSON ``{name: [kind, upstream]}``, so a client is sent
   to the route whose upstream is its own base URL (``<url>/<name>``).
-
-Under ``network: deny`` with no key held, the gateway is not started (the tree could not
-reach it, nor the provider).
 
 Threads: the gateway serves on a thread of its own; every call it makes into the run's
 budget backend holds the run's lock, which the run's own thread holds except while it
@@ -61,8 +59,11 @@ def wanted(plan: RunPlan, environ: dict[str, str] | None = None) -> list[Provide
 
     environ = dict(os.environ) if environ is None else environ
     providers = resolve(_section(plan), environ, keyless=True)
-    if mode == "auto" and plan.network == "deny" and not any(p.key for p in providers):
-        return None  # only instrumented clients would use it, and they cannot reach out
+    if mode == "auto" and not any(p.key for p in providers):
+        # Only instrumented clients would use it: they meter over the budget RPC instead.
+        # (Started for them, it cost every such run an aiohttp import and a thread: 50
+        # concurrent budget runs held the SQLite ledger's lock past its 2 s under load.)
+        return None
     return providers or None
 
 
@@ -143,7 +144,7 @@ def open_gateway(
                  token=secrets.token_urlsafe(32), lock=lock, sock=sock,
                  listen=section.listen)  # fmt: skip
     gw.start()
-    redirect: set[str] = {p.kind for p in providers if p.key or _mode(plan.gateway) == "on"}
+    redirect: set[str] = {p.kind for p in providers if p.key}
     if plan.network == "deny" and sock is None and warnings is not None and redirect:
         # The listening socket is not yet made inside the tree's network namespace: the
         # tree cannot reach the gateway (nor anything else); its keys stay out all the same.

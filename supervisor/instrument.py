@@ -20,12 +20,14 @@ Which meter, first that applies:
 1. ``budget=`` given: the client's methods are wrapped to reserve over that budget RPC
    connection (``supervisor._instrument_rpc``: create and streams only);
 2. the run's gateway (``SUPERVISE_GATEWAY_URL`` / ``_TOKEN`` / ``_PROVIDERS``, set
-   whenever it runs: a policy with a budget, or ``gateway: on``) forwards to the client's
-   base URL (or the client points at the gateway already, from ``OPENAI_BASE_URL``): the
-   gateway. Under a policy without a budget and ``gateway: on`` the usage is counted for
-   the result and report, with no limit;
-3. the run has a budget but no gateway route for this client (``gateway: off``, or a base
-   URL no provider of the policy has as its upstream): the budget RPC, as in 1, and a
+   whenever it runs: a budget and a key supervise holds, or ``gateway: on``; it serves
+   the providers whose key it does not hold too, for instrumented clients) forwards to
+   the client's base URL (or the client points at the gateway already, from
+   ``OPENAI_BASE_URL``): the gateway. Under a policy without a budget and ``gateway:
+   on`` the usage is counted for the result and report, with no limit;
+3. the run has a budget but no gateway route for this client (``gateway: off``; ``auto``
+   with no key held; a base URL no provider of the policy has as its upstream): the
+   budget RPC, as in 1, and a
    warning says once what is not metered that way;
 4. otherwise (outside supervise; a policy with no budget and no ``gateway: on``): the
    client is returned unchanged, and a warning says once that nothing is metered.

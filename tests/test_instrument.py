@@ -157,14 +157,16 @@ def fake() -> Iterator[FakeProvider]:
 
 
 def policy(fake: FakeProvider, tmp_path: Path, **top: Any) -> Policy:
-    """Both providers at the fake; supervise holds no key (unless ``top`` says otherwise)."""
+    """Both providers at the fake, ``gateway: on``: supervise holds no key (unless ``top``
+    says otherwise), so the gateway serves instrumented clients only."""
     data: dict[str, Any] = {
         "audit": str(tmp_path / "audit.jsonl"),
         "gateway": {
+            "mode": "on",
             "providers": {
                 "openai": {"kind": "openai", "upstream": f"{fake.url}/v1"},
                 "anthropic": {"kind": "anthropic", "upstream": fake.url},
-            }
+            },
         },
         "budget": {"run": {"usd": 5}},
         "env": {"set": {"CHILD_KEY": OWN_KEY}},
@@ -230,7 +232,7 @@ def test_a_held_key_client_from_the_environment_is_charged_once(
     key = tmp_path / "key"
     key.write_text(HELD_KEY)
     providers = {"openai": {"kind": "openai", "upstream": f"{fake.url}/v1", "key_file": str(key)}}
-    pol = policy(fake, tmp_path, gateway={"providers": providers})
+    pol = policy(fake, tmp_path, gateway={"mode": "auto", "providers": providers})
     code = """
 import os, openai
 from supervisor.client import instrument_openai
@@ -306,10 +308,13 @@ def test_no_budget_meters_nothing_and_says_so_once(fake: FakeProvider, tmp_path:
     assert err.count("not supervised: nothing metered") == 1
 
 
-def test_gateway_off_falls_back_to_the_budget_rpc(fake: FakeProvider, tmp_path: Path) -> None:
-    """``gateway: off`` with a budget: create is metered over the RPC, and a warning says
-    what that way does not meter."""
-    pol = policy(fake, tmp_path, gateway="off")
+@pytest.mark.parametrize("mode", ["off", "auto"])
+def test_no_gateway_falls_back_to_the_budget_rpc(
+    fake: FakeProvider, tmp_path: Path, mode: str
+) -> None:
+    """``gateway: off``, or ``auto`` with no key held, and a budget: create is metered over
+    the RPC, and a warning says what that way does not meter."""
+    pol = policy(fake, tmp_path, gateway=mode)
     result, _, err = run(pol, UNMETERED_CHILD, f"{fake.url}/v1", tmp_path)
     assert result.exit_code == 0, err
     assert result.usage.api_calls == 1 and result.usage.input_tokens == CHAT[0]
@@ -345,8 +350,9 @@ print(json.dumps({n: os.environ.get(n) for n in names}))
 def test_only_the_kinds_whose_key_supervise_holds_are_redirected(
     fake: FakeProvider, tmp_path: Path
 ) -> None:
-    """No key held: the SDK variables stay as they were (the child's own key included) and
-    the instrumentation gets the gateway; an OpenAI key held: only OpenAI's are redirected."""
+    """``gateway: on``, no key held: the SDK variables stay as they were (the child's own key
+    included) and the instrumentation gets the gateway; ``auto`` with an OpenAI key held:
+    only OpenAI's are redirected."""
     own = {"OPENAI_API_KEY": OWN_KEY, "ANTHROPIC_API_KEY": OWN_KEY}
     pol = policy(fake, tmp_path, env={"set": own})
     result, out, err = run(pol, ENV_CHILD, "", tmp_path)
@@ -365,7 +371,7 @@ def test_only_the_kinds_whose_key_supervise_holds_are_redirected(
         "openai": {"kind": "openai", "upstream": f"{fake.url}/v1", "key_file": str(key)},
         "anthropic": {"kind": "anthropic", "upstream": fake.url},
     }
-    pol = policy(fake, tmp_path, env={"set": own}, gateway={"providers": providers})
+    pol = policy(fake, tmp_path, env={"set": own}, gateway={"mode": "auto", "providers": providers})
     result, out, err = run(pol, ENV_CHILD, "", tmp_path)
     env = json.loads(out)
     assert env["OPENAI_BASE_URL"] == f"{env['SUPERVISE_GATEWAY']}/openai/v1"
