@@ -165,15 +165,20 @@ def models(pattern: str | None, policy_path: str | None, as_json: bool) -> None:
 
     limits, _ = _budget_of(policy_path)
     rows = Prices(limits.pricing).table(pattern)
-    fields = ("input", "output", "cached_input", "cache_write", "reasoning")
+    fields = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "reasoning",
+              "web_searches")  # fmt: skip
     if as_json:
         for row in rows:
             doc = row._asdict()
             doc.update({k: None if doc[k] is None else float(doc[k]) for k in fields})
             click.echo(json.dumps(doc, separators=(",", ":")))
         return
-    click.echo(f"USD per million tokens · source: {source_version()} (policy overrides first)")
-    header = ("provider", "model", "input", "output", "cache read", "cache write", "reasoning")
+    click.echo(
+        f"USD per million tokens (web searches: per thousand) · source: {source_version()} "
+        "(policy overrides first)"
+    )
+    header = ("provider", "model", "input", "output", "cache read", "cache write",
+              "cache write 1h", "reasoning", "web searches")  # fmt: skip
     lines: list[tuple[str, ...]] = [header]
     for row in rows:
         prices = [getattr(row, f) for f in fields]

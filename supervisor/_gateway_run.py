@@ -1,10 +1,25 @@
 """The LLM gateway in a run: whether it is on, its backend adapter, and the child's env.
 
 ``gateway: auto`` (the default) is on when the policy has a budget and supervise holds a
-provider key; ``on`` is on whatever (a provider whose key supervise does not hold passes
-the client's own key: custody off), with a ledger without limits when the policy has no
+provider key; ``on`` is on whatever, with a ledger without limits when the policy has no
 budget (usage is still counted); ``off`` never.  The gateway (``supervisor.gateway``,
-aiohttp) is imported only when it is on.
+aiohttp) is imported only when it is on.  It serves every configured provider: one
+whose key supervise holds with that key (custody), one whose key it does not hold with
+the key the client sends beside the run token (custody off: what an instrumented SDK
+client does).
+
+The child's environment (``child_env``): the variables SDKs and agents read
+(``OPENAI_BASE_URL``, ``ANTHROPIC_BASE_URL``, the key variables = the run token,
+``SUPERVISE_GATEWAY``: SPEC) point at the gateway for each provider kind whose key
+supervise holds; a kind whose key it does not hold keeps its variables as they were, so a
+program that is not instrumented talks to its provider with its own key as before (its
+key was scrubbed and replaced by the token otherwise, which no provider takes).  Whenever
+the gateway runs, the child also gets, for ``supervisor.instrument``:
+
+- ``SUPERVISE_GATEWAY_URL``: the gateway's base URL (``http://127.0.0.1:PORT``);
+- ``SUPERVISE_GATEWAY_TOKEN``: the run token (header ``x-supervise-token``);
+- ``SUPERVISE_GATEWAY_PROVIDERS``: JSON ``{name: [kind, upstream]}``, so a client is sent
+  to the route whose upstream is its own base URL (``<url>/<name>``).
 
 Where it listens (``enforced.gateway.listens`` in ``run_start``): in supervise's network
 namespace, which the tree shares (``host``); under ``network: deny``, where the tree lives:
@@ -53,7 +68,12 @@ def wanted(plan: RunPlan, environ: dict[str, str] | None = None) -> list[Provide
     from .gateway import resolve
 
     environ = dict(os.environ) if environ is None else environ
-    providers = resolve(_section(plan), environ, keyless=mode == "on")
+    providers = resolve(_section(plan), environ, keyless=True)
+    if mode == "auto" and not any(p.key for p in providers):
+        # Only instrumented clients would use it: they meter over the budget RPC instead.
+        # (Started for them, it cost every such run an aiohttp import and a thread: 50
+        # concurrent budget runs held the SQLite ledger's lock past its 2 s under load.)
+        return None
     return providers or None
 
 
@@ -160,14 +180,14 @@ class Opening:
             self._ours, self.fds = ours.detach(), (theirs.detach(),)
             self.words = gateway_words(self.fds[0], port)
             self._start = start
-            url = f"http://127.0.0.1:{port}"
-            scrubbed = _future_env(providers, token, url, env, key_variables(section))
+            endpoint = _future_endpoint(providers, token, f"http://127.0.0.1:{port}")
         else:
-            self.gateway = start(None)
+            self.gateway = endpoint = start(None)
             self.listens = "host"
-            scrubbed = self.gateway.scrub_env(env, key_variables(section))
+        redirect: set[str] = {p.kind for p in providers if p.key}  # kinds whose key we hold
+        new = child_env(endpoint, providers, redirect, env, key_variables(section))
         env.clear()
-        env.update(scrubbed)
+        env.update(new)
 
     def serve(self, network: str | None, warnings: list[str]) -> Gateway | None:
         """After the spawn: the gateway, serving (under ``network: deny``) the socket the
@@ -222,14 +242,52 @@ class Opening:
             self.gateway.close()
 
 
-def _future_env(
-    providers: list[Provider], token: str, url: str, env: dict[str, str], keys: set[str]
-) -> dict[str, str]:
-    """``Gateway.scrub_env`` for a gateway that will serve ``url`` once the spawn made its
-    socket: the same method, on an instance that has only what it reads."""
+def _future_endpoint(providers: list[Provider], token: str, url: str) -> Gateway:
+    """A stand-in for the gateway that will serve ``url`` once the spawn made its socket:
+    what ``child_env`` reads of it (``scrub_env``, ``url``, ``token``), nothing bound."""
     from .gateway import Gateway
 
     endpoint = object.__new__(Gateway)
     endpoint.providers = {p.name: p for p in providers}
     endpoint.token, endpoint.url = token, url
-    return endpoint.scrub_env(env, keys)
+    return endpoint
+
+
+# The variables the gateway sets per provider kind (``Gateway.child_env``).
+_KIND_VARIABLES = {
+    "openai": ("OPENAI_BASE_URL", "OPENAI_API_BASE", "OPENAI_API_KEY"),
+    "anthropic": ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"),
+}
+
+
+def child_env(
+    gw: Gateway, providers: list[Provider], redirect: set[str], env: dict[str, str],
+    key_names: set[str],
+) -> dict[str, str]:  # fmt: skip
+    """The child's environment: ``redirect``'s kinds point at the gateway (keys removed),
+    the others keep their variables; the instrumentation's variables in any case."""
+    import json
+
+    if redirect:
+        new = gw.scrub_env(env, key_names)
+        held = [p.key for p in providers if p.key]
+        for kind, names in _KIND_VARIABLES.items():
+            if kind in redirect:
+                continue
+            for name in names:  # not redirected: as it was before the gateway
+                if name in env and not any(key in env[name] for key in held):
+                    new[name] = env[name]
+                else:
+                    new.pop(name, None)
+    else:
+        new = dict(env)
+        new.pop("SUPERVISE_GATEWAY", None)  # SPEC: only where the SDK variables point at it
+        for name in ("NO_PROXY", "no_proxy"):
+            hosts = [h for h in new.get(name, "").split(",") if h]
+            new[name] = ",".join([*hosts, *(h for h in ("127.0.0.1",) if h not in hosts)])
+    new["SUPERVISE_GATEWAY_URL"] = gw.url
+    new["SUPERVISE_GATEWAY_TOKEN"] = gw.token
+    new["SUPERVISE_GATEWAY_PROVIDERS"] = json.dumps(
+        {p.name: [p.kind, p.upstream] for p in providers}, separators=(",", ":")
+    )
+    return new

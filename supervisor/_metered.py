@@ -1,4 +1,4 @@
-"""The machinery behind ``supervisor.instrument``: one metered call, usage per provider, streams.
+"""The machinery behind ``_instrument_rpc``: one call metered over the RPC, usage, streams.
 
 A ``Call`` reserves, then settles once from a ``Seen`` (the usage reported so far, whether
 it is final, and the characters of output seen). Each provider's ``Kind`` knows where its
@@ -209,7 +209,7 @@ class Call:
         await _to_thread(self.reserve)
 
     def settle(self, seen: Seen, complete: bool = True) -> None:
-        """Commit what was seen (see ``supervisor.instrument`` for the rules)."""
+        """Commit what was seen (see ``supervisor._instrument_rpc`` for the rules)."""
         r = self.reservation
         if r is None or r.settled:
             return

@@ -3,39 +3,45 @@
     client = instrument_openai(OpenAI(), label="planner")     # or AsyncOpenAI()
     client = instrument_anthropic(Anthropic())                # or AsyncAnthropic()
 
-Metered: OpenAI ``chat.completions.create`` and ``responses.create`` (plain and
-``stream=True``), Anthropic ``messages.create`` (plain and ``stream=True``) and
-``messages.stream``. Each call reserves before the request leaves (so a denied call never
-reaches the network) and settles from the SDK's own usage:
+The client is pointed, in place, at the run's LLM gateway: its base URL becomes the
+gateway's route to the same upstream (``<gateway>/openai/v1``, ``<gateway>/anthropic``, or
+another provider's ``<gateway>/<name>``), and it sends the run token (header
+``x-supervise-token``) and the label (``x-supervise-label``). The SDK's own key goes as
+usual: the gateway passes it upstream when supervise holds no key for that provider
+(custody off), and uses its own when it does. The gateway meters every request at the
+wire, so every entry point is metered by the same code, once: ``create``, streams,
+``parse``, ``.stream()``, ``with_raw_response`` (the raw response reaches the caller
+unharmed), ``with_streaming_response``, clients made by ``with_options()`` / ``copy()``,
+``beta.messages``, embeddings, legacy completions, and every request of an SDK retry (a
+request the provider refuses, e.g. a 500, is not charged). The same client is returned.
 
-- input estimate: every string in the request's content (messages, input, instructions,
-  system, tools, ...): ASCII characters / 4 plus one token per other character, rounded up,
-  plus 4 per message and 16 per request; output: ``max_tokens`` /
-  ``max_completion_tokens`` / ``max_output_tokens`` (times ``n``), else
-  ``DEFAULT_MAX_OUTPUT`` (4096);
-- tokens as SPEC defines them: OpenAI ``prompt_tokens``/``input_tokens`` include cached
-  ones; Anthropic ``input_tokens`` exclude cache reads and writes, so ours is the sum;
-  reasoning (OpenAI ``reasoning_tokens``, Anthropic ``thinking_tokens``) is part of output;
-- OpenAI chat streams get ``stream_options.include_usage``; Anthropic's
-  ``message_delta.usage`` is cumulative. A stream cut short (the consumer stops, closes it or
-  an error ends it) is settled from what was seen: the usage reported so far, else the
-  input estimate plus the text seen (characters / 4, rounded up);
-- a response (or a finished stream) without usage raises ``UsageMissing`` and is charged the
-  whole reservation; never free. A request the SDK fails before any response is released,
-  except a timeout, which is charged its input estimate (the provider may have billed it).
+Which meter, first that applies:
 
-Not metered: ``with_raw_response``, ``with_streaming_response``, the OpenAI ``.stream()`` /
-``.parse()`` helpers, and clients made later with ``with_options()`` / ``copy()``.
+1. ``budget=`` given: the client's methods are wrapped to reserve over that budget RPC
+   connection (``supervisor._instrument_rpc``: create and streams only);
+2. the run's gateway (``SUPERVISE_GATEWAY_URL`` / ``_TOKEN`` / ``_PROVIDERS``, set
+   whenever it runs: a budget and a key supervise holds, or ``gateway: on``; it serves
+   the providers whose key it does not hold too, for instrumented clients) forwards to
+   the client's base URL (or the client points at the gateway already, from
+   ``OPENAI_BASE_URL``): the gateway. Under a policy without a budget and ``gateway:
+   on`` the usage is counted for the result and report, with no limit;
+3. the run has a budget but no gateway route for this client (``gateway: off``; ``auto``
+   with no key held; a base URL no provider of the policy has as its upstream): the
+   budget RPC, as in 1, and a
+   warning says once what is not metered that way;
+4. otherwise (outside supervise; a policy with no budget and no ``gateway: on``): the
+   client is returned unchanged, and a warning says once that nothing is metered.
+
 Stdlib only; the SDKs are duck-typed, never imported here.
 """
 
 from __future__ import annotations
 
-import inspect
+import os
 from typing import Any, TypeVar
 
-from . import _metered as m
-from ._rpc_client import Budget, connect
+from ._instrument_rpc import DEFAULT_MAX_OUTPUT, estimate_input_tokens
+from ._rpc_client import Budget
 from .errors import UsageMissing
 
 __all__ = [
@@ -47,141 +53,108 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-DEFAULT_MAX_OUTPUT = 4096
-_CONTENT = ("messages", "input", "instructions", "system", "tools", "functions", "prompt")
-
-
-def estimate_input_tokens(request: dict[str, Any]) -> int:
-    """The conservative input estimate of a request (see the module docstring)."""
-    ascii_chars = other = 0
-    stack: list[object] = [request.get(name) for name in _CONTENT]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            n = len(item.encode("ascii", "ignore"))
-            ascii_chars += n
-            other += len(item) - n
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-        elif isinstance(item, bytes | bytearray):
-            ascii_chars += len(item)
-        elif hasattr(item, "model_dump"):
-            stack.append(item.model_dump())
-    messages = request.get("messages")
-    count = len(messages) if isinstance(messages, list | tuple) else 1
-    return -(-ascii_chars // 4) + other + 4 * count + 16
-
-
-def _max_output(request: dict[str, Any]) -> int:
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = request.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            break
-    else:
-        value = DEFAULT_MAX_OUTPUT
-    n = request.get("n")
-    return value * n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else value
+TOKEN_HEADER = "x-supervise-token"
+LABEL_HEADER = "x-supervise-label"
+_said: set[str] = set()  # warnings given (each once per process)
 
 
 def instrument_openai(client: T, *, label: str | None = None, budget: Budget | None = None) -> T:
-    """Meter ``chat.completions.create`` and ``responses.create`` of this client in place."""
-    budget = budget or connect()
-    chat = getattr(getattr(client, "chat", None), "completions", None)
-    if chat is not None:
-        _wrap(chat, budget, "openai", label, m.OPENAI_CHAT)
-    responses = getattr(client, "responses", None)
-    if responses is not None:
-        _wrap(responses, budget, "openai", label, m.OPENAI_RESPONSES)
-    return client
+    """Meter every call of an ``OpenAI`` / ``AsyncOpenAI`` client (see the module docstring)."""
+    return _instrument(client, "openai", label, budget)
 
 
 def instrument_anthropic(client: T, *, label: str | None = None, budget: Budget | None = None) -> T:
-    """Meter ``messages.create`` and ``messages.stream`` of this client in place."""
-    budget = budget or connect()
-    messages = client.messages  # type: ignore[attr-defined]  # duck-typed Anthropic client
-    _wrap(messages, budget, "anthropic", label, m.ANTHROPIC)
-    _wrap_stream_helper(messages, budget, label)
+    """Meter every call of an ``Anthropic`` / ``AsyncAnthropic`` client."""
+    return _instrument(client, "anthropic", label, budget)
+
+
+def _instrument(client: T, kind: str, label: str | None, budget: Budget | None) -> T:
+    from . import _instrument_rpc as rpc
+
+    meter = rpc.meter_openai if kind == "openai" else rpc.meter_anthropic
+    if budget is not None:
+        return meter(client, budget, label)
+    base = str(getattr(client, "base_url", "")).rstrip("/")
+    target = gateway_route(kind, base, os.environ)
+    if target is not None:
+        headers = {TOKEN_HEADER: os.environ["SUPERVISE_GATEWAY_TOKEN"]}
+        if label is not None:
+            headers[LABEL_HEADER] = label
+        return _point(client, target, headers)
+    budget = _run_budget()
+    if budget is not None:
+        why = (
+            f"the run's gateway does not forward to {base}"
+            if os.environ.get("SUPERVISE_GATEWAY_URL")
+            else "the run's gateway is off"
+        )
+        _warn(
+            f"supervise: {why}: {kind} calls are metered over the budget RPC, which "
+            "meters create and streams only (not parse, with_raw_response, "
+            "with_options/copy, beta, embeddings, legacy completions)"
+        )
+        return meter(client, budget, label)
+    _warn(
+        "supervise: not supervised: nothing metered "
+        "(no budget and no gateway: on in this run's policy, or no run at all)"
+    )
     return client
 
 
-def _original(resource: object, name: str) -> Any:
-    method = getattr(resource, name)
-    return getattr(method, "__supervise_original__", method)  # instrumenting twice: rewrap
+def gateway_route(kind: str, base: str, environ: Any) -> str | None:
+    """The base URL a client of ``kind`` whose base URL is ``base`` gets, or None: the
+    run has no gateway, or none of its providers has ``base`` as its upstream."""
+    import json
+
+    url = environ.get("SUPERVISE_GATEWAY_URL")
+    if not url or not environ.get("SUPERVISE_GATEWAY_TOKEN"):
+        return None
+    if base == url or base.startswith(url + "/"):
+        return base  # pointed at the gateway already (OPENAI_BASE_URL / ANTHROPIC_BASE_URL)
+    try:
+        providers = json.loads(environ.get("SUPERVISE_GATEWAY_PROVIDERS") or "{}")
+    except ValueError:
+        return None
+    for name, (provider_kind, upstream) in providers.items():
+        if provider_kind == kind and upstream.rstrip("/") == base:
+            # The gateway's OpenAI routes are /<name>/v1/..., and it drops the "v1/".
+            return f"{url}/{name}/v1" if kind == "openai" else f"{url}/{name}"
+    return None
 
 
-def _call(budget: Budget, provider: str, label: str | None, kw: dict[str, Any]) -> m.Call:
-    model = kw.get("model")
-    return m.Call(
-        budget,
-        provider=provider,
-        model=model if isinstance(model, str) else str(model),
-        label=label,
-        input_estimate=estimate_input_tokens(kw),
-        max_output=_max_output(kw),
-    )
+def _point(client: T, base: str, headers: dict[str, str]) -> T:
+    """Set the client's base URL and default headers in place (so ``copy()`` and
+    ``with_options()`` inherit them); an SDK without those attributes gets a copy."""
+    custom = getattr(client, "_custom_headers", None)
+    if isinstance(custom, dict) and isinstance(getattr(type(client), "base_url", None), property):
+        client.base_url = base  # type: ignore[attr-defined]  # duck-typed SDK client
+        # A new dict: the one the caller passed as default_headers stays theirs.
+        client._custom_headers = {**custom, **headers}  # type: ignore[attr-defined]
+        return client
+    options: Any = client.with_options  # type: ignore[attr-defined]  # duck-typed SDK client
+    copied: T = options(base_url=base, default_headers=headers)
+    return copied
 
 
-def _wrap(resource: object, budget: Budget, provider: str, label: str | None, kind: m.Kind) -> None:
-    original = _original(resource, "create")
+def _run_budget() -> Budget | None:
+    """The run's budget RPC when the run has a budget, else None."""
+    if not os.environ.get("SUPERVISE_RPC_FD"):
+        return None
+    from ._rpc_client import connect
+    from .errors import SupervisorError
 
-    def prepare(kw: dict[str, Any]) -> m.Call:
-        if kw.get("stream") and kind is m.OPENAI_CHAT:
-            options = kw.get("stream_options")
-            kw["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-        return _call(budget, provider, label, kw)
-
-    if inspect.iscoroutinefunction(inspect.unwrap(original)):  # the SDK decorates create
-
-        async def acreate(*args: Any, **kw: Any) -> Any:
-            call = prepare(kw)
-            await call.areserve()
-            try:
-                response = await original(*args, **kw)
-            except BaseException as e:
-                await call.afailed(e)
-                raise
-            if kw.get("stream"):
-                return m.AsyncMeteredStream(response, call, kind)
-            await call.asettle(kind.response_seen(response))
-            return response
-
-        wrapper: Any = acreate
-    else:
-
-        def create(*args: Any, **kw: Any) -> Any:
-            call = prepare(kw)
-            call.reserve()
-            try:
-                response = original(*args, **kw)
-            except BaseException as e:
-                call.failed(e)
-                raise
-            if kw.get("stream"):
-                return m.MeteredStream(response, call, kind)
-            call.settle(kind.response_seen(response))
-            return response
-
-        wrapper = create
-    wrapper.__supervise_original__ = original
-    wrapper.__doc__ = getattr(original, "__doc__", None)
-    resource.create = wrapper  # type: ignore[attr-defined]  # an instance attribute shadows the method
+    try:
+        budget = connect()
+        budget.usage()  # a run without a budget section answers with an error
+    except (SupervisorError, OSError):
+        return None
+    return budget
 
 
-def _wrap_stream_helper(resource: object, budget: Budget, label: str | None) -> None:
-    original = _original(resource, "stream")
+def _warn(message: str) -> None:
+    if message in _said:
+        return
+    _said.add(message)
+    import warnings
 
-    def stream(*args: Any, **kw: Any) -> Any:
-        manager = original(*args, **kw)  # lazy: no request until it is entered
-        call = _call(budget, "anthropic", label, kw)
-        if hasattr(manager, "__aenter__"):
-            return m.AsyncMeteredManager(manager, call)
-        return m.MeteredManager(manager, call)
-
-    stream.__supervise_original__ = original  # type: ignore[attr-defined]
-    resource.stream = stream  # type: ignore[attr-defined]
+    warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -8,9 +8,11 @@ keeps each request's path, headers and raw body (what the gateway forwarded).
 The request header ``x-fake`` picks a wire variant: ``gzip`` compresses the answer (SSE
 flushed event by event), ``gate`` stops a stream halfway until ``gate`` is set, ``search``
 adds Anthropic server-tool usage (two cumulative ``message_delta``), ``priority`` answers
-with that ``service_tier``. Also served: ``/v1/embeddings``, ``/v1/models``,
-``/v1/messages/count_tokens``. ``honor`` answers as a real provider would: no more
-completion tokens than the request's max tokens, fewer prompt tokens than its bytes.
+with that ``service_tier``, ``flaky`` answers HTTP 500 to the first request that carries it
+(then as usual: an SDK's retry succeeds). Also served: ``/v1/embeddings``, ``/v1/models``,
+``/v1/messages/count_tokens``, legacy ``/v1/completions``. ``honor`` answers as a real
+provider would: no more completion tokens than the request's max tokens, fewer prompt
+tokens than its bytes.
 """
 
 from __future__ import annotations
@@ -185,6 +187,29 @@ def embeddings(body: dict[str, Any]) -> dict[str, Any]:
     return {"object": "list", "data": [item], "model": body["model"], "usage": EMBEDDING_USAGE}
 
 
+def completion(body: dict[str, Any]) -> dict[str, Any]:
+    choice = {"index": 0, "text": "".join(WORDS), "logprobs": None, "finish_reason": "stop"}
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1700000000,
+        "model": body["model"],
+        "choices": [choice],
+        "usage": CHAT_USAGE,
+    }
+
+
+def completion_stream(body: dict[str, Any]) -> list[tuple[str | None, Any]]:
+    events: list[tuple[str | None, Any]] = []
+    for word in WORDS:
+        choice = {"index": 0, "text": word, "logprobs": None, "finish_reason": None}
+        events.append((None, {**completion(body), "choices": [choice], "usage": None}))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        events.append((None, {**completion(body), "choices": [], "usage": CHAT_USAGE}))
+    events.append((None, "[DONE]"))
+    return events
+
+
 def count_tokens(body: dict[str, Any]) -> dict[str, Any]:
     return {"input_tokens": 42}
 
@@ -198,6 +223,7 @@ ROUTES = {
     "/v1/responses": (response, response_stream),
     "/v1/messages": (message, message_stream),
     "/v1/embeddings": (embeddings, no_stream),
+    "/v1/completions": (completion, completion_stream),
     "/v1/messages/count_tokens": (count_tokens, no_stream),
 }
 SEARCH_USAGE = {"server_tool_use": {"web_search_requests": 3}}
@@ -214,6 +240,7 @@ class FakeProvider:
         self.gate = threading.Event()  # x-fake: gate streams wait on it halfway
         self.halfway = threading.Event()  # set when a gated stream reached the gate
         self.finished = threading.Event()  # set when a gated stream wrote its last event
+        self.failed = 0  # requests answered 500 (x-fake: flaky, model fail-500)
         provider = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -238,7 +265,9 @@ class FakeProvider:
                 provider.events.append(("http", self.path))
                 plain, stream = ROUTES[self.path.partition("?")[0]]
                 fake = self.headers.get("x-fake", "")
-                if body.get("model") == "fail-500":
+                flaky = fake == "flaky" and provider.failed == 0
+                if body.get("model") == "fail-500" or flaky:
+                    provider.failed += 1
                     self._json(500, {"error": {"message": "boom", "type": "server_error"}})
                 elif body.get("stream"):
                     self._sse(self._vary(stream(body), fake), fake)

@@ -125,3 +125,16 @@ def test_models_without_a_match_exits_1() -> None:
     """A pattern that matches nothing says so."""
     done = supervise("models", "zzz-no-such-model")
     assert done.returncode == 1 and "no model matches" in done.stderr
+
+
+def test_models_shows_every_price_column() -> None:
+    """models: one column per price (1-hour cache writes and web searches too), also in JSON."""
+    done = supervise("models", "anthropic/claude-sonnet-4-0")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "cache write 1h" in lines[1] and "web searches" in lines[1]
+    row = next(line.split() for line in lines if line.split()[1:2] == ["claude-sonnet-4-0"])
+    assert row == ["anthropic", "claude-sonnet-4-0", "3", "15", "0.3", "3.75", "6", "-", "10"]
+    done = supervise("models", "anthropic/claude-sonnet-4-0", "--json")
+    doc = json.loads(done.stdout.splitlines()[0])
+    assert (doc["cache_write_1h"], doc["web_searches"]) == (6.0, 10.0)

@@ -1,318 +1,379 @@
-"""The real openai and anthropic SDKs, metered, against a fake provider on loopback."""
+"""Instrumented SDK clients in real runs: pointed at the run's gateway, every entry point
+metered once at the wire.
+
+The child is a real Python program using the real openai / anthropic SDKs against the fake
+provider on loopback; each call carries its own label (``x-supervise-label``), so the run's
+``usage.by_label`` shows what each entry point was charged.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import math
+import json
+import sys
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-import anthropic
 import openai
 import pytest
-from anthropic import AsyncAnthropic
-from fake_provider import WORDS, FakeProvider
-from openai import AsyncOpenAI
-from rpc_helpers import Ledger, serving
+from fake_provider import (
+    ANTHROPIC_USAGE,
+    CHAT_USAGE,
+    EMBEDDING_USAGE,
+    RESPONSES_USAGE,
+    FakeProvider,
+)
 
-from supervisor import client
-from supervisor.instrument import DEFAULT_MAX_OUTPUT, estimate_input_tokens
+from supervisor import Policy, Supervisor, instrument
+from supervisor.result import RunResult
 
-# Any: one message for both SDKs, whose TypedDicts for it differ.
-CHAT: Any = {"role": "user", "content": "Say hello to the whole world, politely."}
-EXACT_CHAT = {
-    "input_tokens": 1200,
-    "output_tokens": 300,
-    "cached_input_tokens": 1000,
-    "cache_write_tokens": 0,
-    "reasoning_tokens": 100,
+OWN_KEY = "sk-the-childs-own-key-0123456789"
+HELD_KEY = "sk-held-by-supervise-9876543210"
+CHAT = (CHAT_USAGE["prompt_tokens"], CHAT_USAGE["completion_tokens"])
+RESPONSES = (RESPONSES_USAGE["input_tokens"], RESPONSES_USAGE["output_tokens"])
+EMBEDDING = (EMBEDDING_USAGE["prompt_tokens"], 0)
+ANTHROPIC = (  # input: 25 uncached + 100 cache reads + 50 cache writes
+    175,
+    ANTHROPIC_USAGE["output_tokens"],
+)
+
+OPENAI_CHILD = """
+import asyncio, json, os, sys, openai
+from supervisor.client import instrument_openai
+base = sys.argv[1]
+c = instrument_openai(openai.OpenAI(api_key=os.environ.get("CHILD_KEY", "unset"),
+                                    base_url=base, max_retries=2), label="default")
+M, MSG = "gpt-4o-mini", [{"role": "user", "content": "Say hello"}]
+def h(label, **more):
+    return {"extra_headers": {"x-supervise-label": label, **more}}
+seen = {}
+c.chat.completions.create(model=M, messages=MSG, **h("create"))
+for _ in c.chat.completions.create(model=M, messages=MSG, stream=True, **h("stream")):
+    pass
+c.chat.completions.parse(model=M, messages=MSG, **h("parse"))
+with c.chat.completions.stream(model=M, messages=MSG, **h("stream_helper")) as s:
+    for _ in s:
+        pass
+raw = c.chat.completions.with_raw_response.create(model=M, messages=MSG, **h("raw"))
+seen["raw"] = [raw.http_response.status_code, raw.parse().usage.prompt_tokens,
+               raw.headers.get("content-type")]
+with c.chat.completions.with_streaming_response.create(model=M, messages=MSG,
+                                                       **h("streaming_response")) as r:
+    seen["streaming_response"] = r.parse().usage.completion_tokens
+c.with_options(timeout=30).chat.completions.create(model=M, messages=MSG, **h("with_options"))
+c.copy().chat.completions.create(model=M, messages=MSG, **h("copy"))
+c.responses.create(model="gpt-4.1-mini", input="hi", **h("responses"))
+for _ in c.responses.create(model="gpt-4.1-mini", input="hi", stream=True,
+                            **h("responses_stream")):
+    pass
+c.responses.parse(model="gpt-4.1-mini", input="hi", **h("responses_parse"))
+c.embeddings.create(model="text-embedding-3-small", input="hi", **h("embeddings"))
+c.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi", **h("legacy"))
+c.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi", stream=True,
+                     **h("legacy_stream"))
+seen["retry"] = c.chat.completions.create(model=M, messages=MSG,
+                                          **h("retry", **{"x-fake": "flaky"})).id
+s = c.chat.completions.create(model=M, messages=MSG, stream=True, **h("broken"))
+next(iter(s))
+s.close()  # the caller breaks off after the first chunk
+c.chat.completions.create(model=M, messages=MSG)  # the label instrument_openai was given
+async def main():
+    a = instrument_openai(openai.AsyncOpenAI(api_key=os.environ.get("CHILD_KEY", "unset"),
+                                             base_url=base, max_retries=0))
+    await a.chat.completions.create(model=M, messages=MSG, **h("async"))
+    async for _ in await a.chat.completions.create(model=M, messages=MSG, stream=True,
+                                                   **h("async_stream")):
+        pass
+    await a.close()
+asyncio.run(main())
+print(json.dumps(seen))
+"""
+
+OPENAI_LABELS = {
+    "create": CHAT,
+    "stream": CHAT,
+    "parse": CHAT,
+    "stream_helper": CHAT,
+    "raw": CHAT,
+    "streaming_response": CHAT,
+    "with_options": CHAT,
+    "copy": CHAT,
+    "responses": RESPONSES,
+    "responses_stream": RESPONSES,
+    "responses_parse": RESPONSES,
+    "embeddings": EMBEDDING,
+    "legacy": CHAT,
+    "legacy_stream": CHAT,
+    "retry": CHAT,
+    "broken": CHAT,
+    "default": CHAT,
+    "async": CHAT,
+    "async_stream": CHAT,
 }
-EXACT_RESPONSES = {
-    "input_tokens": 900,
-    "output_tokens": 250,
-    "cached_input_tokens": 800,
-    "cache_write_tokens": 0,
-    "reasoning_tokens": 200,
+
+ANTHROPIC_CHILD = """
+import asyncio, json, os, sys, anthropic
+from supervisor.client import instrument_anthropic
+base = sys.argv[1]
+c = instrument_anthropic(anthropic.Anthropic(api_key=os.environ.get("CHILD_KEY", "unset"),
+                                             base_url=base, max_retries=0))
+M, MSG = "claude-3-5-haiku-latest", [{"role": "user", "content": "Say hello"}]
+def h(label):
+    return {"extra_headers": {"x-supervise-label": label}}
+seen = {}
+c.messages.create(model=M, max_tokens=300, messages=MSG, **h("create"))
+for _ in c.messages.create(model=M, max_tokens=300, messages=MSG, stream=True, **h("stream")):
+    pass
+with c.messages.stream(model=M, max_tokens=300, messages=MSG, **h("stream_helper")) as s:
+    seen["text"] = "".join(s.text_stream)
+raw = c.messages.with_raw_response.create(model=M, max_tokens=300, messages=MSG, **h("raw"))
+seen["raw"] = [raw.http_response.status_code, raw.parse().usage.input_tokens]
+c.beta.messages.create(model=M, max_tokens=300, messages=MSG, **h("beta"))
+c.messages.count_tokens(model=M, messages=MSG, **h("count_tokens"))
+c.with_options(timeout=30).messages.create(model=M, max_tokens=300, messages=MSG,
+                                           **h("with_options"))
+async def main():
+    a = instrument_anthropic(anthropic.AsyncAnthropic(
+        api_key=os.environ.get("CHILD_KEY", "unset"), base_url=base, max_retries=0))
+    await a.messages.create(model=M, max_tokens=300, messages=MSG, **h("async"))
+    await a.close()
+asyncio.run(main())
+print(json.dumps(seen))
+"""
+
+ANTHROPIC_LABELS = {
+    label: ANTHROPIC
+    for label in ("create", "stream", "stream_helper", "raw", "beta", "with_options", "async")
 }
-EXACT_ANTHROPIC = {  # 25 uncached + 100 read + 50 written; thinking is part of output
-    "input_tokens": 175,
-    "output_tokens": 15,
-    "cached_input_tokens": 100,
-    "cache_write_tokens": 50,
-    "reasoning_tokens": 5,
-}
-
-
-class World:
-    """A served ledger, a Budget and the fake provider, sharing one event log."""
-
-    def __init__(self, ledger: Ledger, budget: client.Budget, provider: FakeProvider) -> None:
-        self.ledger, self.budget, self.provider = ledger, budget, provider
-
-    def openai(self, **kw: Any) -> openai.OpenAI:
-        c = openai.OpenAI(api_key="test", base_url=f"{self.provider.url}/v1", max_retries=0)
-        return client.instrument_openai(c, budget=self.budget, **kw)
-
-    def anthropic(self, **kw: Any) -> anthropic.Anthropic:
-        c = anthropic.Anthropic(api_key="test", base_url=self.provider.url, max_retries=0)
-        return client.instrument_anthropic(c, budget=self.budget, **kw)
-
-    def aopenai(self) -> AsyncOpenAI:
-        c = openai.AsyncOpenAI(api_key="test", base_url=f"{self.provider.url}/v1", max_retries=0)
-        return client.instrument_openai(c, budget=self.budget)
-
-    def aanthropic(self) -> AsyncAnthropic:
-        c = anthropic.AsyncAnthropic(api_key="test", base_url=self.provider.url, max_retries=0)
-        return client.instrument_anthropic(c, budget=self.budget)
-
-    def commit(self) -> dict[str, Any]:
-        """The one commit, without the fields the ledger adds."""
-        assert len(self.ledger.commits) == 1, self.ledger.commits
-        c = dict(self.ledger.commits[0])
-        for name in ("reservation", "model", "label", "usd"):
-            c.pop(name, None)
-        return c
-
-    def kinds(self) -> list[str]:
-        """The kinds of the events so far, in order."""
-        return [e[0] for e in self.ledger.events]
-
-
-@contextmanager
-def make_world(**limits: Any) -> Iterator[World]:
-    """A ledger with these limits, served, with a Budget and a fake provider."""
-    events: list[tuple[Any, ...]] = []
-    ledger = Ledger(events=events, **limits)
-    provider = FakeProvider(events)
-    try:
-        with serving(ledger) as s, client.Budget(s.server.child_fd) as b:
-            yield World(ledger, b, provider)
-            assert not s.errors
-    finally:
-        provider.close()
 
 
 @pytest.fixture
-def world() -> Iterator[World]:
-    """A metered world with no limits."""
-    with make_world() as w:
-        yield w
+def fake() -> Iterator[FakeProvider]:
+    """A fake OpenAI/Anthropic provider on loopback."""
+    server = FakeProvider()
+    yield server
+    server.close()
 
 
-def test_chat_completion_reserves_first_and_commits_the_exact_usage(world: World) -> None:
-    """chat.completions.create: reserve (estimate, max tokens, label) -> request -> exact commit."""
-    kw: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [CHAT], "max_completion_tokens": 500}
-    with world.openai(label="triage") as oa:
-        resp = oa.chat.completions.create(**kw)
-    assert resp.choices[0].message.content == "".join(WORDS)
-    estimate = estimate_input_tokens(kw)
-    assert world.ledger.events[:2] == [
-        ("reserve", "gpt-4o-mini", "triage", estimate, 500),
-        ("http", "/v1/chat/completions"),
-    ]
-    assert world.kinds() == ["reserve", "http", "commit"]
-    assert world.commit() == EXACT_CHAT
-    assert world.ledger.commits[0]["label"] == "triage"
-
-
-def test_chat_stream_asks_for_usage_and_commits_it(world: World) -> None:
-    """A chat stream gets stream_options.include_usage and settles from the final usage chunk."""
-    options: Any = {"x": 1}  # Any: a key the SDK does not know, which must be kept
-    with world.openai() as oa:
-        stream = oa.chat.completions.create(
-            model="gpt-4o-mini", messages=[CHAT], stream=True, stream_options=options
-        )
-        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert text == "".join(WORDS)
-    body = world.provider.requests[0][1]
-    assert body["stream_options"] == {"x": 1, "include_usage": True}
-    assert world.ledger.events[0][4] == DEFAULT_MAX_OUTPUT  # no max tokens given
-    assert world.commit() == EXACT_CHAT
-
-
-def test_chat_stream_closed_early_settles_from_what_was_seen(world: World) -> None:
-    """A stream closed after two chunks is charged the input estimate plus the text seen / 4."""
-    kw: dict[str, Any] = {
-        "model": "gpt-4o-mini",
-        "messages": [CHAT],
-        "max_tokens": 100,
-        "stream": True,
+def policy(fake: FakeProvider, tmp_path: Path, **top: Any) -> Policy:
+    """Both providers at the fake, ``gateway: on``: supervise holds no key (unless ``top``
+    says otherwise), so the gateway serves instrumented clients only."""
+    data: dict[str, Any] = {
+        "audit": str(tmp_path / "audit.jsonl"),
+        "gateway": {
+            "mode": "on",
+            "providers": {
+                "openai": {"kind": "openai", "upstream": f"{fake.url}/v1"},
+                "anthropic": {"kind": "anthropic", "upstream": fake.url},
+            },
+        },
+        "budget": {"run": {"usd": 5}},
+        "env": {"set": {"CHILD_KEY": OWN_KEY}},
     }
-    with world.openai() as oa:
-        stream = oa.chat.completions.create(**kw)
-        next(stream), next(stream)  # the role chunk, then "Hello"
-        assert not world.ledger.commits
-        stream.close()
-    assert world.commit()["input_tokens"] == estimate_input_tokens(kw)
-    assert world.commit()["output_tokens"] == math.ceil(len("Hello") / 4)
+    data.update(top)
+    return Policy.from_dict(data)
 
 
-def test_chat_stream_abandoned_in_a_loop_settles_when_dropped(world: World) -> None:
-    """Breaking out of the loop and dropping the stream settles it (never a free call)."""
-    with world.openai() as oa:
-        for chunk in oa.chat.completions.create(model="m", messages=[CHAT], stream=True):
-            if chunk.choices and chunk.choices[0].delta.content:
-                break
-        del chunk
-        assert world.commit()["output_tokens"] == 2
+def run(pol: Policy, code: str, base: str, tmp_path: Path) -> tuple[RunResult, str, str]:
+    """Run the child ``code`` with its base URL; the result, its stdout and stderr."""
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as o, open(err, "w") as e:
+        result = Supervisor(pol).run([sys.executable, "-c", code, base], stdout=o, stderr=e)
+    return result, out.read_text(), err.read_text()
 
 
-def test_a_response_without_usage_raises_and_is_charged_its_reservation(world: World) -> None:
-    """No usage in the response: UsageMissing, and the whole hold is charged."""
-    kw: dict[str, Any] = {"model": "no-usage", "messages": [CHAT], "max_tokens": 64}
-    with world.openai() as oa, pytest.raises(client.UsageMissing):
-        oa.chat.completions.create(**kw)
-    assert world.commit()["input_tokens"] == estimate_input_tokens(kw)
-    assert world.commit()["output_tokens"] == 64
-
-
-def test_a_finished_stream_without_usage_raises_and_is_charged(world: World) -> None:
-    """A stream that ends without any usage raises UsageMissing at its end; charged the hold."""
-    with world.openai() as oa:
-        stream = oa.chat.completions.create(
-            model="no-usage", max_tokens=10, messages=[CHAT], stream=True
-        )
-        with pytest.raises(client.UsageMissing):
-            for _ in stream:
-                pass
-    assert world.commit()["output_tokens"] == 10
-
-
-def test_a_denied_call_never_reaches_the_network() -> None:
-    """BudgetExceeded from the reservation: the provider gets zero requests."""
-    with make_world(tokens=10) as w:
-        with w.openai() as oa, pytest.raises(client.BudgetExceeded):
-            oa.chat.completions.create(model="gpt-4o-mini", messages=[CHAT])
-        with w.anthropic() as a, pytest.raises(client.BudgetExceeded):
-            a.messages.create(model="claude", max_tokens=5, messages=[CHAT])
-        with (
-            w.anthropic() as a,
-            pytest.raises(client.BudgetExceeded),
-            a.messages.stream(model="claude", max_tokens=5, messages=[CHAT]),
-        ):
-            pass
-        assert w.provider.requests == []
-
-
-def test_a_calls_limit_of_5_lets_exactly_5_requests_through() -> None:
-    """calls: 5 -> exactly 5 requests reach the provider; the rest are denied."""
-    with make_world(calls=5) as w:
-        denied = 0
-        with w.openai() as oa:
-            for _ in range(8):
-                try:
-                    oa.chat.completions.create(model="gpt-4o-mini", messages=[CHAT])
-                except client.BudgetExceeded:
-                    denied += 1
-        assert len(w.provider.requests) == 5 and denied == 3
-
-
-def test_an_http_error_releases_the_hold(world: World) -> None:
-    """A provider error before any response releases the reservation: nothing charged."""
-    with world.openai() as oa, pytest.raises(openai.InternalServerError):
-        oa.chat.completions.create(model="fail-500", messages=[CHAT])
-    assert world.kinds() == ["reserve", "http", "release"]
-    assert not world.ledger.holds and not world.ledger.commits
-
-
-def test_responses_api_plain_and_streamed(world: World) -> None:
-    """responses.create, plain and stream=True (response.completed), commit the exact usage."""
-    with world.openai() as oa:
-        resp = oa.responses.create(model="gpt-4.1-mini", input="Say hello", max_output_tokens=400)
-        assert resp.output_text == "".join(WORDS)
-        events = list(oa.responses.create(model="gpt-4.1-mini", input="Say hello", stream=True))
-    assert events[-1].type == "response.completed"
-    assert [e[4] for e in world.ledger.events if e[0] == "reserve"] == [400, DEFAULT_MAX_OUTPUT]
-    commits = [{k: c[k] for k in EXACT_RESPONSES} for c in world.ledger.commits]
-    assert commits == [EXACT_RESPONSES, EXACT_RESPONSES]
-
-
-def test_anthropic_message_counts_cache_reads_and_writes_as_input(world: World) -> None:
-    """messages.create: input = input + cache read + cache creation; cached/write are subsets."""
-    kw: dict[str, Any] = {
-        "model": "claude-test",
-        "max_tokens": 300,
-        "messages": [CHAT],
-        "system": "Be kind",
+def charged(result: RunResult) -> dict[str, tuple[int, int, int]]:
+    """Each label's (calls, input tokens, output tokens)."""
+    rows = result.usage.by_label
+    return {
+        k: (int(str(v["calls"])), int(str(v["input_tokens"])), int(str(v["output_tokens"])))
+        for k, v in rows.items()
     }
-    with world.anthropic(label="writer") as a:
-        msg = a.messages.create(**kw)
-    assert msg.content[0].text == "".join(WORDS)
-    assert world.ledger.events[0] == (
-        "reserve",
-        "claude-test",
-        "writer",
-        estimate_input_tokens(kw),
-        300,
+
+
+def test_every_openai_entry_point_is_charged_once(fake: FakeProvider, tmp_path: Path) -> None:
+    """create, streams, parse, raw and streaming responses, with_options, copy, Responses,
+    embeddings, legacy completions, a retry, a broken-off stream, async: each charged once,
+    exactly what the fake served; the child's own key is what reached the provider."""
+    result, out, err = run(policy(fake, tmp_path), OPENAI_CHILD, f"{fake.url}/v1", tmp_path)
+    assert result.exit_code == 0, err
+    expected = {label: (1, i, o) for label, (i, o) in OPENAI_LABELS.items()}
+    assert charged(result) == expected
+    assert result.usage.api_calls == len(OPENAI_LABELS)
+    seen = json.loads(out)
+    assert seen["raw"] == [200, CHAT[0], "application/json"]  # the raw response, unharmed
+    assert seen["streaming_response"] == CHAT[1]
+    assert fake.failed == 1  # the retry: a 500 (not charged), then the 200 (charged)
+    posts = [h for path, h, body in fake.seen if body]
+    assert len(posts) == len(OPENAI_LABELS) + 1
+    assert {h.get("Authorization") for h in posts} == {f"Bearer {OWN_KEY}"}  # custody off
+    assert not any("x-supervise-token" in {k.lower() for k in h} for _, h, _ in fake.seen)
+    assert "warning" not in err
+
+
+def test_every_anthropic_entry_point_is_charged_once(fake: FakeProvider, tmp_path: Path) -> None:
+    """messages.create, streams, stream helper, raw response, beta.messages, with_options,
+    async: each charged once; count_tokens is free; the child's own key went upstream."""
+    result, out, err = run(policy(fake, tmp_path), ANTHROPIC_CHILD, fake.url, tmp_path)
+    assert result.exit_code == 0, err
+    expected = {label: (1, i, o) for label, (i, o) in ANTHROPIC_LABELS.items()}
+    assert charged(result) == expected
+    seen = json.loads(out)
+    assert seen["raw"] == [200, ANTHROPIC_USAGE["input_tokens"]]
+    assert {h.get("X-Api-Key") or h.get("x-api-key") for _, h, b in fake.seen if b} == {OWN_KEY}
+
+
+def test_a_held_key_client_from_the_environment_is_charged_once(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """supervise holds the key: OpenAI() reads the gateway from the environment; instrumenting
+    it adds only the label, and a with_raw_response call is charged once, exactly."""
+    key = tmp_path / "key"
+    key.write_text(HELD_KEY)
+    providers = {"openai": {"kind": "openai", "upstream": f"{fake.url}/v1", "key_file": str(key)}}
+    pol = policy(fake, tmp_path, gateway={"mode": "auto", "providers": providers})
+    code = """
+import os, openai
+from supervisor.client import instrument_openai
+assert os.environ["OPENAI_BASE_URL"].startswith(os.environ["SUPERVISE_GATEWAY"])
+c = instrument_openai(openai.OpenAI(), label="env")
+raw = c.chat.completions.with_raw_response.create(
+    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+print(raw.parse().usage.prompt_tokens)
+"""
+    result, out, err = run(pol, code, "", tmp_path)
+    assert result.exit_code == 0, err
+    assert out.strip() == str(CHAT[0])
+    assert charged(result) == {"env": (1, *CHAT)}
+    assert fake.seen[0][1]["Authorization"] == f"Bearer {HELD_KEY}"
+
+
+def test_a_spent_budget_is_the_sdks_own_error_at_once(fake: FakeProvider, tmp_path: Path) -> None:
+    """Custody off too: a budget too small for the call gives the SDK's 429 at once."""
+    pol = policy(fake, tmp_path, budget={"run": {"usd": 0.000001}})
+    code = """
+import openai, sys
+from supervisor.client import instrument_openai
+c = instrument_openai(openai.OpenAI(api_key="k", base_url=sys.argv[1], max_retries=2))
+try:
+    c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+except openai.RateLimitError as e:
+    print("DENIED", e.status_code)
+"""
+    result, out, err = run(pol, code, f"{fake.url}/v1", tmp_path)
+    assert out.strip() == "DENIED 429", err
+    assert fake.seen == [] and result.usage.api_calls == 0
+
+
+def test_no_budget_with_gateway_on_counts_usage(fake: FakeProvider, tmp_path: Path) -> None:
+    """A policy without a budget and ``gateway: on``: no limit, the usage is counted."""
+    pol = Policy.from_dict(
+        {
+            "audit": str(tmp_path / "audit.jsonl"),
+            "gateway": {
+                "mode": "on",
+                "providers": {"openai": {"kind": "openai", "upstream": f"{fake.url}/v1"}},
+            },
+        }
     )
-    assert world.commit() == EXACT_ANTHROPIC
+    code = """
+import openai, sys
+from supervisor.client import instrument_openai
+c = instrument_openai(openai.OpenAI(api_key="k", base_url=sys.argv[1]), label="on")
+c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+"""
+    result, _, err = run(pol, code, f"{fake.url}/v1", tmp_path)
+    assert result.exit_code == 0, err
+    assert charged(result) == {"on": (1, *CHAT)}
 
 
-def test_anthropic_raw_stream_uses_start_and_cumulative_delta_usage(world: World) -> None:
-    """messages.create(stream=True): usage from message_start plus the cumulative message_delta."""
-    with world.anthropic() as a:
-        stream = a.messages.create(model="claude", max_tokens=300, messages=[CHAT], stream=True)
-        kinds = [event.type for event in stream]
-    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-    assert world.commit() == EXACT_ANTHROPIC
+UNMETERED_CHILD = """
+import openai, sys
+from supervisor.client import instrument_openai
+c = openai.OpenAI(api_key="k", base_url=sys.argv[1])
+assert instrument_openai(c) is c and instrument_openai(c) is c
+print(c.chat.completions.create(model="gpt-4o-mini",
+      messages=[{"role": "user", "content": "hi"}]).usage.prompt_tokens)
+"""
 
 
-def test_anthropic_stream_helper_settles_exactly(world: World) -> None:
-    """messages.stream(...) as a context manager settles from the accumulated message."""
-    with world.anthropic() as a:
-        with a.messages.stream(model="claude", max_tokens=300, messages=[CHAT]) as stream:
-            text = "".join(stream.text_stream)
-        assert text == "".join(WORDS)
-    assert world.commit() == EXACT_ANTHROPIC
+def test_no_budget_meters_nothing_and_says_so_once(fake: FakeProvider, tmp_path: Path) -> None:
+    """No budget, gateway auto, a budget RPC open for steps: the call goes straight to the
+    provider, nothing is charged, one warning, never NotSupervised."""
+    pol = Policy.from_dict({"audit": str(tmp_path / "a.jsonl"), "limits": {"step_time": "1h"}})
+    result, out, err = run(pol, UNMETERED_CHILD, f"{fake.url}/v1", tmp_path)
+    assert result.exit_code == 0, err
+    assert out.strip() == str(CHAT[0]) and result.usage.api_calls == 0
+    assert err.count("not supervised: nothing metered") == 1
 
 
-def test_anthropic_stream_helper_cut_short_keeps_the_input_it_saw(world: World) -> None:
-    """Leaving messages.stream after the first word: the reported input, output from the text."""
-    with (
-        world.anthropic() as a,
-        a.messages.stream(model="claude", max_tokens=300, messages=[CHAT]) as stream,
-    ):
-        next(iter(stream.text_stream))
-    got = world.commit()
-    assert got["input_tokens"] == 175 and got["cached_input_tokens"] == 100
-    assert got["output_tokens"] == max(1, math.ceil(len("Hello") / 4))
+@pytest.mark.parametrize("mode", ["off", "auto"])
+def test_no_gateway_falls_back_to_the_budget_rpc(
+    fake: FakeProvider, tmp_path: Path, mode: str
+) -> None:
+    """``gateway: off``, or ``auto`` with no key held, and a budget: create is metered over
+    the RPC, and a warning says what that way does not meter."""
+    pol = policy(fake, tmp_path, gateway=mode)
+    result, _, err = run(pol, UNMETERED_CHILD, f"{fake.url}/v1", tmp_path)
+    assert result.exit_code == 0, err
+    assert result.usage.api_calls == 1 and result.usage.input_tokens == CHAT[0]
+    assert err.count("the run's gateway is off") == 1
 
 
-def test_async_clients_are_metered(world: World) -> None:
-    """AsyncOpenAI and AsyncAnthropic: plain, streamed, and messages.stream, all exact."""
-
-    async def main() -> None:
-        oa = world.aopenai()
-        a = world.aanthropic()
-        try:
-            await oa.chat.completions.create(model="gpt-4o-mini", messages=[CHAT])
-            stream = await oa.chat.completions.create(model="m", messages=[CHAT], stream=True)
-            async for _ in stream:
-                pass
-            await oa.responses.create(model="gpt-4.1-mini", input="hi")
-            await a.messages.create(model="claude", max_tokens=300, messages=[CHAT])
-            raw = await a.messages.create(
-                model="claude", max_tokens=300, messages=[CHAT], stream=True
-            )
-            async for _ in raw:
-                pass
-            async with a.messages.stream(model="claude", max_tokens=300, messages=[CHAT]) as s:
-                await s.get_final_message()
-        finally:
-            await oa.close()
-            await a.close()
-
-    asyncio.run(main())
-    commits = [{k: c[k] for k in EXACT_CHAT} for c in world.ledger.commits]
-    exact = [EXACT_CHAT, EXACT_CHAT, EXACT_RESPONSES] + [EXACT_ANTHROPIC] * 3
-    assert commits == exact
-    assert world.kinds().count("reserve") == 6 and not world.ledger.holds
+def test_outside_supervise_nothing_breaks(
+    fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No run: the client comes back unchanged, works, and one warning says nothing is metered."""
+    for name in ("SUPERVISE_RPC_FD", "SUPERVISE_GATEWAY_URL", "SUPERVISE_GATEWAY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(instrument, "_said", set())
+    c = openai.OpenAI(api_key="k", base_url=f"{fake.url}/v1", max_retries=0)
+    with pytest.warns(RuntimeWarning, match="nothing metered"):
+        assert instrument.instrument_openai(c) is c
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert instrument.instrument_openai(c) is c  # said once
+    r = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert r.usage is not None and r.usage.prompt_tokens == CHAT[0]
+    c.close()
 
 
-def test_estimate_is_conservative_and_documented() -> None:
-    """ASCII counts a quarter token a character, other characters a whole token, plus overhead."""
-    assert estimate_input_tokens({"messages": [{"role": "user", "content": "a" * 400}]}) == (
-        math.ceil((400 + len("role") + len("user") + len("content")) / 4) + 4 + 16
-    )
-    assert estimate_input_tokens({"input": "日本語"}) == 3 + 4 + 16
+ENV_CHILD = """
+import json, os
+names = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY",
+         "SUPERVISE_GATEWAY", "SUPERVISE_GATEWAY_URL", "SUPERVISE_GATEWAY_PROVIDERS")
+print(json.dumps({n: os.environ.get(n) for n in names}))
+"""
+
+
+def test_only_the_kinds_whose_key_supervise_holds_are_redirected(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """``gateway: on``, no key held: the SDK variables stay as they were (the child's own key
+    included) and the instrumentation gets the gateway; ``auto`` with an OpenAI key held:
+    only OpenAI's are redirected."""
+    own = {"OPENAI_API_KEY": OWN_KEY, "ANTHROPIC_API_KEY": OWN_KEY}
+    pol = policy(fake, tmp_path, env={"set": own})
+    result, out, err = run(pol, ENV_CHILD, "", tmp_path)
+    env = json.loads(out)
+    assert result.exit_code == 0, err
+    assert env["OPENAI_BASE_URL"] is None and env["SUPERVISE_GATEWAY"] is None
+    assert env["OPENAI_API_KEY"] == OWN_KEY and env["ANTHROPIC_API_KEY"] == OWN_KEY
+    assert env["SUPERVISE_GATEWAY_URL"].startswith("http://127.0.0.1:")
+    assert json.loads(env["SUPERVISE_GATEWAY_PROVIDERS"]) == {
+        "openai": ["openai", f"{fake.url}/v1"],
+        "anthropic": ["anthropic", fake.url],
+    }
+    key = tmp_path / "key"
+    key.write_text(HELD_KEY)
+    providers = {
+        "openai": {"kind": "openai", "upstream": f"{fake.url}/v1", "key_file": str(key)},
+        "anthropic": {"kind": "anthropic", "upstream": fake.url},
+    }
+    pol = policy(fake, tmp_path, env={"set": own}, gateway={"mode": "auto", "providers": providers})
+    result, out, err = run(pol, ENV_CHILD, "", tmp_path)
+    env = json.loads(out)
+    assert env["OPENAI_BASE_URL"] == f"{env['SUPERVISE_GATEWAY']}/openai/v1"
+    assert env["OPENAI_API_KEY"] not in (OWN_KEY, HELD_KEY)  # the run token
+    assert env["ANTHROPIC_BASE_URL"] is None and env["ANTHROPIC_API_KEY"] == OWN_KEY

@@ -64,6 +64,7 @@ DEFAULT_OUTPUT = 4096  # a hold's output when the request names none and the bud
 IMAGE_TOKENS = 6400  # an image or file given by reference: more than any model charges for one
 _BY_REFERENCE = ('"image_url"', '"file_id"', '"type":"image"', '"type": "image"', '"file_url"')
 MAX_CONVERSATIONS = 100_000  # Responses ids remembered (their tokens), oldest dropped first
+LEGACY_DEFAULT = 16  # legacy completions' max_tokens when the request names none
 SEARCHES = 20  # an Anthropic web search tool without max_uses: searches held
 # Output ceilings of OpenAI models by name prefix (a max tokens above them is a 400 upstream),
 # used only when a request names none and the gateway must add one. Longest prefix wins.
@@ -186,7 +187,7 @@ class _Call:
         self.input = tokens
         tier = body.get("service_tier")
         self.tier = tier if isinstance(tier, str) else None
-        if self.rest == "v1/chat/completions" and body.get("stream"):
+        if self.rest in ("v1/chat/completions", "v1/completions") and body.get("stream"):
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 body["stream_options"] = {**(options or {}), "include_usage": True}
@@ -254,6 +255,8 @@ class _Call:
     def _reserve(self, body: dict[str, Any]) -> None:
         asked = body.get(self.max_field) if self.max_field else None
         asked = asked if isinstance(asked, int) and not isinstance(asked, bool) else None
+        if asked is None and self.rest == "v1/completions":
+            asked = LEGACY_DEFAULT  # the API's own default: nothing to add, only to hold
         output = 0
         if self.max_field is not None:
             affordable = self._affordable()

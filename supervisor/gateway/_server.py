@@ -61,6 +61,7 @@ _ROUTES = {
     "openai": {
         "v1/chat/completions": (True, "max_completion_tokens"),
         "v1/responses": (True, "max_output_tokens"),
+        "v1/completions": (True, "max_tokens"),  # legacy completions
         "v1/embeddings": (True, None),
         "v1/models": (False, None),
     },
