@@ -173,13 +173,15 @@ def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
     run = sup.start(command, agent=opts.get("agent"), session=opts.get("session"))
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.signal(s, lambda sig, _frame: run.interrupt(sig)) for s in handled}
+    largest: int | None = None
     try:
         if opts.get("live") and sys.stderr.isatty():
             from ._live import LiveGauges
 
-            with LiveGauges(plan) as gauges:
+            with LiveGauges(plan, run=run) as gauges:
                 run.on_sample = gauges.update
                 result = run.execute()
+            largest = gauges.largest_file
         else:
             result = run.execute()
     finally:
@@ -192,7 +194,7 @@ def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
         if result.violation is not None:
             prefix = "" if plan.on_violation == "kill" else "warning: "
             _err(prefix + result.violation.message)
-        _err(summary(result, plan))
+        _err(summary(result, plan, largest_file=largest))
     if opts.get("json"):
         _write_json(result, opts["json"])
     return result.exit_code
@@ -213,8 +215,9 @@ def _write_json(result: RunResult, target: str) -> None:
         _err(f"cannot write the run result to {target}: {e.strerror}")
 
 
-def summary(result: RunResult, plan: RunPlan) -> str:
-    """One line: the outcome, then each limit as used / limit."""
+def summary(result: RunResult, plan: RunPlan, largest_file: int | None = None) -> str:
+    """One line: the outcome, then each limit as used / limit (``-``: not measured; the
+    largest file written only ``--live`` measures), then a budgeted run's calls and USD."""
     from .result import format_limit
 
     u = result.usage
@@ -232,7 +235,7 @@ def summary(result: RunResult, plan: RunPlan) -> str:
         "memory": u.peak_memory or None,
         "processes": u.peak_processes or None,
         "open_files": u.peak_open_files or None,
-        "file_size": None,  # a per-process kernel limit: nothing to sum
+        "file_size": largest_file,  # a per-process kernel limit: --live looks at the files
         "address_space": None,
     }
     ws = plan.workspace
@@ -246,4 +249,14 @@ def summary(result: RunResult, plan: RunPlan) -> str:
             continue
         shown = "-" if value is None else format_limit(name, value)
         parts.append(f"{name} {shown}/{'none' if limit is None else format_limit(name, limit)}")
+    run_budget = (plan.budget or {}).get("run") or {}
+    if plan.budget:
+        from decimal import Decimal
+
+        from ._units import format_money
+
+        calls, usd = run_budget.get("calls"), run_budget.get("usd")
+        parts.append(f"calls {u.api_calls}/{'none' if calls is None else calls}")
+        cap = "none" if usd is None else format_money(Decimal(str(usd)))
+        parts.append(f"usd {format_money(u.usd)}/{cap}")
     return f"run {result.run_id} {outcome} · " + " · ".join(parts)
