@@ -21,12 +21,12 @@ if TYPE_CHECKING:
     from ._plan import RunPlan
     from .result import RunResult
 
-SUBCOMMANDS = ("run", "check", "audit", "report", "doctor", "budget", "models")
+SUBCOMMANDS = ("run", "check", "audit", "report", "doctor", "budget", "models", "completion", "man")
 
 USAGE = """\
 Usage: supervise [OPTIONS] [--] COMMAND [ARGS]...
        supervise run [OPTIONS] [--] COMMAND [ARGS]...
-       supervise check POLICY...
+       supervise check [POLICY]... [--set KEY=VALUE] [-q]
        supervise audit [LOG]... [--verify] [--agent ID] [--session ID] [--event KIND]
                        [--limit NAME] [--since WHEN] [--list] [--json] [--follow]
        supervise report [--since WHEN] [--agent ID] [--by agent|model|label|session|run|day]
@@ -35,11 +35,14 @@ Usage: supervise [OPTIONS] [--] COMMAND [ARGS]...
        supervise budget reset --agent ID [--period run|session|daily|monthly] [--store URL]
        supervise models [PATTERN] [--policy FILE] [--json]
        supervise doctor [--json]
+       supervise completion bash|zsh|fish
+       supervise man
 
 Run COMMAND under a policy's limits; stop the whole process tree on a breach.
 
 Options:
-  -p, --policy FILE     the policy (default: the built-in default policy)
+  -p, --policy FILE     the policy (default: $SUPERVISE_POLICY, else ./supervise.yaml, else
+                        $XDG_CONFIG_HOME/supervise/policy.yaml, else the built-in default)
   --set KEY=VALUE       override a policy value, e.g. --set limits.wall_time=10s (repeatable)
   --agent ID            the agent this run belongs to (overrides the policy's)
   --session ID          the session this run belongs to
@@ -127,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_cli(args: list[str]) -> int:
-    if args and args[0] in SUBCOMMANDS and args[0] != "run":
+    import os
+
+    if "_SUPERVISE_COMPLETE" in os.environ or (args and args[0] in SUBCOMMANDS[1:]):
         from ._cli_commands import commands
 
         return commands(args)
@@ -148,11 +153,12 @@ def run_cli(args: list[str]) -> int:
     except UsageError as e:
         _err(str(e))
         return 125
+    from ._config import find_policy
     from ._plan import load_plan
     from .errors import PolicyError, SupervisorError
 
     try:
-        plan = load_plan(opts.get("policy"), opts["set"])
+        plan = load_plan(find_policy(opts.get("policy"))[0], opts["set"])
     except PolicyError as e:
         for problem in e.problems:
             _err(problem)
@@ -189,7 +195,7 @@ def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
             signal.signal(s, h)
     error = getattr(run, "error", None)
     if error is not None:
-        _err(str(error))
+        _err(str(error) + _relative_hint(error, plan, command))
     elif not opts.get("quiet"):
         if result.violation is not None:
             prefix = "" if plan.on_violation == "kill" else "warning: "
@@ -198,6 +204,24 @@ def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
     if opts.get("json"):
         _write_json(result, opts["json"])
     return result.exit_code
+
+
+def _relative_hint(error: object, plan: RunPlan, command: list[str]) -> str:
+    """Why a relative command in a workspace was not found, and the path that would be."""
+    import os
+
+    from .errors import CommandNotFound
+
+    word = command[0]
+    if not isinstance(error, CommandNotFound) or plan.workspace is None:
+        return ""
+    if "/" not in word or os.path.isabs(word):
+        return ""
+    hint = " (a relative command is found from where supervise runs, not in the workspace"
+    ws = plan.workspace.get("path")
+    if ws and os.path.exists(os.path.join(ws, word)):
+        return f"{hint}: give {os.path.join(ws, word)})"
+    return f"{hint}: give its path from here)"
 
 
 def _write_json(result: RunResult, target: str) -> None:
