@@ -21,7 +21,9 @@ def find_policy(given: str | None) -> tuple[str | None, str]:
         return given, "--policy"
     env = os.environ.get("SUPERVISE_POLICY")
     if env is not None:
-        return (env, "$SUPERVISE_POLICY") if env else (None, DEFAULT + " ($SUPERVISE_POLICY is empty)")
+        return (
+            (env, "$SUPERVISE_POLICY") if env else (None, DEFAULT + " ($SUPERVISE_POLICY is empty)")
+        )
     if os.path.isfile("supervise.yaml"):
         return "supervise.yaml", "the working directory"
     config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")

@@ -28,10 +28,17 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._plan import RunPlan
+    from ._plan import LimitName, RunPlan
     from .result import Usage
 
-_GAUGES = ("wall_time", "cpu_time", "memory", "processes", "open_files", "file_size")
+_GAUGES: tuple[LimitName, ...] = (
+    "wall_time",
+    "cpu_time",
+    "memory",
+    "processes",
+    "open_files",
+    "file_size",
+)
 _REFRESH = 0.25  # seconds between redraws: 4 a second, as rich's default
 _BAR = 30  # the widest bar, in cells
 _COLOURS = {"green": "\x1b[32m", "yellow": "\x1b[33m", "red": "\x1b[31m"}
@@ -55,9 +62,7 @@ class LiveGauges:
     ``run`` (optional) is the ``Run``: its process tree and workspace give the largest
     file written (the ``file_size`` gauge)."""
 
-    def __init__(
-        self, plan: RunPlan, *, force: bool = False, run: Any = None, fd: int = 2
-    ) -> None:
+    def __init__(self, plan: RunPlan, *, force: bool = False, run: Any = None, fd: int = 2) -> None:
         self.plan, self.run, self.fd = plan, run, fd
         self.enabled = force or os.isatty(fd)
         self.t0 = time.monotonic()
@@ -100,9 +105,7 @@ class LiveGauges:
         top = rows - self._height
         # Newlines scroll what is on screen up out of the footer's rows; the cursor then
         # goes back up (DECSTBM homes the cursor, so it is saved and restored around it).
-        self._write(
-            "\n" * self._height + f"\x1b[{self._height}A\x1b7\x1b[1;{top}r\x1b8"
-        )
+        self._write("\n" * self._height + f"\x1b[{self._height}A\x1b7\x1b[1;{top}r\x1b8")
         self._size = (cols, rows)
 
     def _write(self, text: str) -> None:

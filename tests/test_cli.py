@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
 import pytest
-
 from _helpers import supervise
 
 POLICIES = sorted(str(p) for p in Path(__file__).parent.parent.joinpath("policies").glob("*.yaml"))
@@ -131,7 +131,9 @@ def test_completion_scripts_and_completing(tmp_path: Path) -> None:
     and run's options."""
     for shell, marker in (("bash", "complete "), ("zsh", "compdef"), ("fish", "complete ")):
         done = supervise("completion", shell)
-        assert done.returncode == 0 and marker in done.stdout and "_SUPERVISE_COMPLETE" in done.stdout
+        assert (
+            done.returncode == 0 and marker in done.stdout and "_SUPERVISE_COMPLETE" in done.stdout
+        )
     env = {**os.environ, "_SUPERVISE_COMPLETE": "bash_complete", "COMP_CWORD": "1"}
     done = supervise(env={**env, "COMP_WORDS": "supervise ch"})
     assert done.returncode == 0 and "plain,check" in done.stdout.split()
@@ -171,3 +173,28 @@ def test_report_is_a_subcommand_not_a_program() -> None:
     assert done.returncode == 0 and "no LLM spend" in done.stdout
     done = supervise("--quiet", "--", "report")
     assert done.returncode == 127
+
+
+BUDGETED = """
+from supervisor import client
+b = client.connect()
+for _ in range(2):
+    with b.reserve(model="m1", input_tokens=1000, max_output_tokens=1000) as r:
+        r.commit(input_tokens=900, output_tokens=500)
+"""
+
+
+def test_summary_of_a_budgeted_run_shows_calls_and_usd(tmp_path: Path) -> None:
+    """A run with a budget ends with its calls and exact USD against the run's limits."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nbudget:\n"
+        f"  store: sqlite:///{tmp_path}/b.db\n"
+        "  run: {calls: 10, usd: 1}\n"
+        "  pricing: {m1: {input: 1, output: 2}}\n"
+    )
+    done = supervise("-p", str(policy), "--", sys.executable, "-c", BUDGETED)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.rstrip().endswith("· calls 2/10 · usd $0.0038/$1.00"), done.stderr
+    plain = supervise("--", "true")
+    assert "calls" not in plain.stderr and "usd" not in plain.stderr
