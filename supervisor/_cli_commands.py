@@ -54,7 +54,7 @@ def check(policies: tuple[str, ...], overrides: tuple[str, ...], quiet: bool) ->
     """Validate policy files and print each effective policy, every size and duration with
     its value in bytes or seconds.  Without POLICY, the one a run would take: $SUPERVISE_POLICY,
     ./supervise.yaml, $XDG_CONFIG_HOME/supervise/policy.yaml, else the built-in default."""
-    from ._config import find_policy
+    from .cli import find_policy
     from .policy import Policy
 
     sources: list[tuple[str | None, str]] = [(p, "") for p in policies] or [find_policy(None)]

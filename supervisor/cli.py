@@ -9,6 +9,7 @@ Errors map to exit statuses here: 125 supervise's own, 126/127 the command's.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -75,6 +76,29 @@ _VALUE_OPTIONS = {
 _FLAG_OPTIONS = {"-q": "quiet", "--quiet": "quiet", "--live": "live"}
 
 
+DEFAULT = "the built-in default policy"
+
+
+def find_policy(given: str | None) -> tuple[str | None, str]:
+    """(path or None for the built-in default, where it came from) for ``--policy given``:
+    given, else $SUPERVISE_POLICY (empty: the default), else ./supervise.yaml, else
+    $XDG_CONFIG_HOME/supervise/policy.yaml (~/.config when unset), else the default."""
+    if given is not None:
+        return given, "--policy"
+    env = os.environ.get("SUPERVISE_POLICY")
+    if env is not None:
+        return (
+            (env, "$SUPERVISE_POLICY") if env else (None, DEFAULT + " ($SUPERVISE_POLICY is empty)")
+        )
+    if os.path.isfile("supervise.yaml"):
+        return "supervise.yaml", "the working directory"
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    path = os.path.join(config, "supervise", "policy.yaml")
+    if os.path.isfile(path):
+        return path, "$XDG_CONFIG_HOME" if os.environ.get("XDG_CONFIG_HOME") else "~/.config"
+    return None, DEFAULT
+
+
 class UsageError(Exception):
     """A bad option or argument on the command line (exit 125)."""
 
@@ -130,8 +154,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_cli(args: list[str]) -> int:
-    import os
-
     if "_SUPERVISE_COMPLETE" in os.environ or (args and args[0] in SUBCOMMANDS[1:]):
         from ._cli_commands import commands
 
@@ -153,7 +175,6 @@ def run_cli(args: list[str]) -> int:
     except UsageError as e:
         _err(str(e))
         return 125
-    from ._config import find_policy
     from ._plan import load_plan
     from .errors import PolicyError, SupervisorError
 
@@ -208,8 +229,6 @@ def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
 
 def _relative_hint(error: object, plan: RunPlan, command: list[str]) -> str:
     """Why a relative command in a workspace was not found, and the path that would be."""
-    import os
-
     from .errors import CommandNotFound
 
     word = command[0]
