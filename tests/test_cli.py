@@ -198,3 +198,20 @@ def test_summary_of_a_budgeted_run_shows_calls_and_usd(tmp_path: Path) -> None:
     assert done.stderr.rstrip().endswith("· calls 2/10 · usd $0.0038/$1.00"), done.stderr
     plain = supervise("--", "true")
     assert "calls" not in plain.stderr and "usd" not in plain.stderr
+
+
+def test_default_workspace_holds_a_data_science_venv(tmp_path: Path) -> None:
+    """The default workspace takes the measured data-science venv's 12,242 entries (pandas,
+    matplotlib, scipy; the old 10,000 stopped it halfway) and a 143 MiB git pack file."""
+    code = (
+        "import os\n"
+        "for d in range(124):\n"
+        "    os.mkdir(f'd{d}')\n"
+        "    for f in range(99):\n"
+        "        open(f'd{d}/f{f}', 'w').close()\n"
+        "with open('pack', 'wb') as f:\n"
+        "    f.truncate(143 << 20)\n"  # sparse: the size counts for max_file_size
+    )
+    done = supervise("-w", str(tmp_path / "ws"), "--", sys.executable, "-c", code)
+    assert done.returncode == 0, done.stderr
+    assert "files 12401/100000" in done.stderr
