@@ -215,3 +215,12 @@ def test_default_workspace_holds_a_data_science_venv(tmp_path: Path) -> None:
     done = supervise("-w", str(tmp_path / "ws"), "--", sys.executable, "-c", code)
     assert done.returncode == 0, done.stderr
     assert "files 12401/100000" in done.stderr
+
+
+def test_budget_subcommands_take_the_discovered_policy(tmp_path: Path) -> None:
+    """Without --policy, models (and budget) read ./supervise.yaml as a run would."""
+    (tmp_path / "supervise.yaml").write_text(
+        "version: 1\nbudget:\n  pricing: {house-model-x: {input: 0.5, output: 1}}\n"
+    )
+    done = _discover(tmp_path, {"XDG_CONFIG_HOME": str(tmp_path)}, "models", "house-model-x")
+    assert done.returncode == 0 and "house-model-x" in done.stdout, done.stderr
