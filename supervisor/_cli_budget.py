@@ -16,11 +16,14 @@ from ._units import format_money
 
 
 def _budget_of(policy_path: str | None) -> tuple[Any, str | None]:
-    """(BudgetPolicy, the policy's agent) of --policy FILE, else of the default policy."""
+    """(BudgetPolicy, the policy's agent) of --policy FILE, else of the policy a run would
+    take ($SUPERVISE_POLICY, ./supervise.yaml, the XDG one, the default)."""
     from .budget._policy import BudgetPolicy
+    from .cli import find_policy
     from .policy import Policy
 
-    policy = Policy.load(policy_path) if policy_path else Policy.default()
+    path = find_policy(policy_path or None)[0]
+    policy = Policy.load(path) if path else Policy.default()
     return policy.budget or BudgetPolicy(), policy.agent
 
 

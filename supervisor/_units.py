@@ -58,6 +58,18 @@ _SIZE_UNITS = {
     "gb": 1000**3,
     "tb": 1000**4,
     "pb": 1000**5,
+    # One letter is binary, as coreutils, prlimit and docker read it (2G = 2GiB); with a B
+    # it is decimal, as SPEC's units line has it (1GB = 10**9 bytes); iB is always binary.
+    "k": 1024,
+    "m": 1024**2,
+    "g": 1024**3,
+    "t": 1024**4,
+    "p": 1024**5,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+    "pi": 1024**5,
     "kib": 1024,
     "mib": 1024**2,
     "gib": 1024**3,
@@ -150,7 +162,9 @@ def _too_large(number: Decimal) -> bool:
 
 
 def parse_size(value: object) -> int:
-    """Bytes from ``512``, ``"512KiB"``, ``"1.5 GiB"`` or ``"1GB"``; part of a byte rounds down."""
+    """Bytes from ``512``, ``"512KiB"``, ``"1.5 GiB"``, ``"2G"`` or ``"1GB"``; part of a byte
+    rounds down.  Case does not matter; ``K M G T P`` alone and with ``i`` or ``iB`` are
+    binary (``2G`` = ``2GiB`` = 2 * 1024**3), with ``B`` decimal (``1GB`` = 10**9)."""
     if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
         number = _finite(_number(value), value, "a size", "try 2GiB", "sizes")
     elif isinstance(value, str):
@@ -254,23 +268,30 @@ def format_size(size: int) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """Seconds for people: ``250 ms``, ``1.00 s``, ``5m 0s``, ``2h 30m``, ``1d 4h``."""
+    """Seconds for people, in the policy's own notation (which ``--set`` reads back):
+    ``250ms``, ``1s``, ``3.08s``, ``5m``, ``5m30s``, ``2h30m``, ``1d4h``."""
     if seconds < 0:
         return "-" + format_duration(-seconds)
     if math.isinf(seconds) or math.isnan(seconds):
         return str(seconds)
     if seconds < 0.001 and seconds > 0:
-        return f"{seconds * 1000:.2f} ms"
+        return f"{_trim(seconds * 1000, 2)}ms"
     if round(seconds * 1000) < 1000:
-        return f"{round(seconds * 1000)} ms"
+        return f"{round(seconds * 1000)}ms"
     if seconds < 59.995:
-        return f"{seconds:.2f} s"
+        return f"{_trim(seconds, 2)}s"
     total = round(seconds)
-    if total < 3600:
-        return f"{total // 60}m {total % 60}s"
-    if total < 86400:
-        return f"{total // 3600}h {total % 3600 // 60}m"
-    return f"{total // 86400}d {total % 86400 // 3600}h"
+    for big, small, size in (("d", "h", 3600), ("h", "m", 60), ("m", "s", 1)):
+        unit = size * {"d": 24, "h": 60, "m": 60}[big]
+        if total >= unit or big == "m":
+            rest = total % unit // size
+            return f"{total // unit}{big}" + (f"{rest}{small}" if rest else "")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _trim(value: float, places: int) -> str:
+    """``value`` to ``places`` decimals, without trailing zeros: 3.10 -> 3.1, 15.00 -> 15."""
+    return f"{value:.{places}f}".rstrip("0").rstrip(".")
 
 
 def format_money(amount: Decimal) -> str:

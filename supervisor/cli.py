@@ -9,6 +9,7 @@ Errors map to exit statuses here: 125 supervise's own, 126/127 the command's.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -21,12 +22,12 @@ if TYPE_CHECKING:
     from ._plan import RunPlan
     from .result import RunResult
 
-SUBCOMMANDS = ("run", "check", "audit", "report", "doctor", "budget", "models")
+SUBCOMMANDS = ("run", "check", "audit", "report", "doctor", "budget", "models", "completion", "man")
 
 USAGE = """\
 Usage: supervise [OPTIONS] [--] COMMAND [ARGS]...
        supervise run [OPTIONS] [--] COMMAND [ARGS]...
-       supervise check POLICY...
+       supervise check [POLICY]... [--set KEY=VALUE] [-q]
        supervise audit [LOG]... [--verify] [--agent ID] [--session ID] [--event KIND]
                        [--limit NAME] [--since WHEN] [--list] [--json] [--follow]
        supervise report [--since WHEN] [--agent ID] [--by agent|model|label|session|run|day]
@@ -35,11 +36,14 @@ Usage: supervise [OPTIONS] [--] COMMAND [ARGS]...
        supervise budget reset --agent ID [--period run|session|daily|monthly] [--store URL]
        supervise models [PATTERN] [--policy FILE] [--json]
        supervise doctor [--json]
+       supervise completion bash|zsh|fish
+       supervise man
 
 Run COMMAND under a policy's limits; stop the whole process tree on a breach.
 
 Options:
-  -p, --policy FILE     the policy (default: the built-in default policy)
+  -p, --policy FILE     the policy (default: $SUPERVISE_POLICY, else ./supervise.yaml, else
+                        $XDG_CONFIG_HOME/supervise/policy.yaml, else the built-in default)
   --set KEY=VALUE       override a policy value, e.g. --set limits.wall_time=10s (repeatable)
   --agent ID            the agent this run belongs to (overrides the policy's)
   --session ID          the session this run belongs to
@@ -70,6 +74,29 @@ _VALUE_OPTIONS = {
     "--store": "store",
 }
 _FLAG_OPTIONS = {"-q": "quiet", "--quiet": "quiet", "--live": "live"}
+
+
+DEFAULT = "the built-in default policy"
+
+
+def find_policy(given: str | None) -> tuple[str | None, str]:
+    """(path or None for the built-in default, where it came from) for ``--policy given``:
+    given, else $SUPERVISE_POLICY (empty: the default), else ./supervise.yaml, else
+    $XDG_CONFIG_HOME/supervise/policy.yaml (~/.config when unset), else the default."""
+    if given is not None:
+        return given, "--policy"
+    env = os.environ.get("SUPERVISE_POLICY")
+    if env is not None:
+        return (
+            (env, "$SUPERVISE_POLICY") if env else (None, DEFAULT + " ($SUPERVISE_POLICY is empty)")
+        )
+    if os.path.isfile("supervise.yaml"):
+        return "supervise.yaml", "the working directory"
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    path = os.path.join(config, "supervise", "policy.yaml")
+    if os.path.isfile(path):
+        return path, "$XDG_CONFIG_HOME" if os.environ.get("XDG_CONFIG_HOME") else "~/.config"
+    return None, DEFAULT
 
 
 class UsageError(Exception):
@@ -127,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_cli(args: list[str]) -> int:
-    if args and args[0] in SUBCOMMANDS and args[0] != "run":
+    if "_SUPERVISE_COMPLETE" in os.environ or (args and args[0] in SUBCOMMANDS[1:]):
         from ._cli_commands import commands
 
         return commands(args)
@@ -152,7 +179,7 @@ def run_cli(args: list[str]) -> int:
     from .errors import PolicyError, SupervisorError
 
     try:
-        plan = load_plan(opts.get("policy"), opts["set"])
+        plan = load_plan(find_policy(opts.get("policy"))[0], opts["set"])
     except PolicyError as e:
         for problem in e.problems:
             _err(problem)
@@ -173,13 +200,15 @@ def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
     run = sup.start(command, agent=opts.get("agent"), session=opts.get("session"))
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.signal(s, lambda sig, _frame: run.interrupt(sig)) for s in handled}
+    largest: int | None = None
     try:
         if opts.get("live") and sys.stderr.isatty():
             from ._live import LiveGauges
 
-            with LiveGauges(plan) as gauges:
+            with LiveGauges(plan, run=run) as gauges:
                 run.on_sample = gauges.update
                 result = run.execute()
+            largest = gauges.largest_file
         else:
             result = run.execute()
     finally:
@@ -187,15 +216,31 @@ def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
             signal.signal(s, h)
     error = getattr(run, "error", None)
     if error is not None:
-        _err(str(error))
+        _err(str(error) + _relative_hint(error, plan, command))
     elif not opts.get("quiet"):
         if result.violation is not None:
             prefix = "" if plan.on_violation == "kill" else "warning: "
             _err(prefix + result.violation.message)
-        _err(summary(result, plan))
+        _err(summary(result, plan, largest_file=largest))
     if opts.get("json"):
         _write_json(result, opts["json"])
     return result.exit_code
+
+
+def _relative_hint(error: object, plan: RunPlan, command: list[str]) -> str:
+    """Why a relative command in a workspace was not found, and the path that would be."""
+    from .errors import CommandNotFound
+
+    word = command[0]
+    if not isinstance(error, CommandNotFound) or plan.workspace is None:
+        return ""
+    if "/" not in word or os.path.isabs(word):
+        return ""
+    hint = " (a relative command is found from where supervise runs, not in the workspace"
+    ws = plan.workspace.get("path")
+    if ws and os.path.exists(os.path.join(ws, word)):
+        return f"{hint}: give {os.path.join(ws, word)})"
+    return f"{hint}: give its path from here)"
 
 
 def _write_json(result: RunResult, target: str) -> None:
@@ -213,8 +258,9 @@ def _write_json(result: RunResult, target: str) -> None:
         _err(f"cannot write the run result to {target}: {e.strerror}")
 
 
-def summary(result: RunResult, plan: RunPlan) -> str:
-    """One line: the outcome, then each limit as used / limit."""
+def summary(result: RunResult, plan: RunPlan, largest_file: int | None = None) -> str:
+    """One line: the outcome, then each limit as used / limit (``-``: not measured; the
+    largest file written only ``--live`` measures), then a budgeted run's calls and USD."""
     from .result import format_limit
 
     u = result.usage
@@ -232,7 +278,7 @@ def summary(result: RunResult, plan: RunPlan) -> str:
         "memory": u.peak_memory or None,
         "processes": u.peak_processes or None,
         "open_files": u.peak_open_files or None,
-        "file_size": None,  # a per-process kernel limit: nothing to sum
+        "file_size": largest_file,  # a per-process kernel limit: --live looks at the files
         "address_space": None,
     }
     ws = plan.workspace
@@ -246,4 +292,14 @@ def summary(result: RunResult, plan: RunPlan) -> str:
             continue
         shown = "-" if value is None else format_limit(name, value)
         parts.append(f"{name} {shown}/{'none' if limit is None else format_limit(name, limit)}")
+    run_budget = (plan.budget or {}).get("run") or {}
+    if plan.budget:
+        from decimal import Decimal
+
+        from ._units import format_money
+
+        calls, usd = run_budget.get("calls"), run_budget.get("usd")
+        parts.append(f"calls {u.api_calls}/{'none' if calls is None else calls}")
+        cap = "none" if usd is None else format_money(Decimal(str(usd)))
+        parts.append(f"usd {format_money(u.usd)}/{cap}")
     return f"run {result.run_id} {outcome} · " + " · ".join(parts)

@@ -70,6 +70,15 @@ def set_problems(*items: str) -> list[str]:
         ("2 GiB", 2 * GiB),
         (" 5 mib ", 5 * MiB),
         ("1.1KiB", 1126),
+        ("2G", 2 * GiB),  # one letter is binary, as coreutils, prlimit and docker read it
+        ("2g", 2 * GiB),
+        ("2Gi", 2 * GiB),
+        ("2gib", 2 * GiB),
+        ("512M", 512 * MiB),
+        ("512m", 512 * MiB),
+        ("4k", 4 * KiB),
+        ("2gb", 2 * 1000**3),  # with a B it is decimal, as SPEC's 1GB
+        ("512mb", 512 * 1000**2),
         (1.9, 1),
         (MAX_SIZE, MAX_SIZE),
     ],
@@ -84,7 +93,8 @@ def test_parse_size(value: object, expected: int) -> None:
     ("value", "message"),
     [
         ("2 gigs", '"2 gigs" is not a size (try 2GiB)'),
-        ("512M", '"512M" is not a size (try 512MiB)'),
+        ("512 megs", '"512 megs" is not a size (try 512MiB)'),
+        ("2GIBS", '"2GIBS" is not a size (try 2GiB)'),
         ("abc", '"abc" is not a size (try 512MiB or 2GiB)'),
         ("", '"" is not a size'),
         ("1 XB", '"1 XB" is not a size'),
@@ -212,19 +222,24 @@ def test_format_size(size: int, text: str) -> None:
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [
-        (0, "0 ms"),
-        (0.25, "250 ms"),
-        (0.9996, "1.00 s"),
-        (1, "1.00 s"),
-        (59.99, "59.99 s"),
-        (300, "5m 0s"),
-        (5400, "1h 30m"),
-        (90000, "1d 1h"),
+        (0, "0ms"),
+        (0.0005, "0.5ms"),
+        (0.25, "250ms"),
+        (0.9996, "1s"),
+        (1, "1s"),
+        (3.1, "3.1s"),
+        (59.99, "59.99s"),
+        (300, "5m"),
+        (330, "5m30s"),
+        (5400, "1h30m"),
+        (7200, "2h"),
+        (90000, "1d1h"),
     ],
 )
 def test_format_duration(seconds: float, text: str) -> None:
-    """Durations are shown short: milliseconds, seconds with two decimals, then m/h/d pairs."""
+    """Durations are shown in the policy's own notation (one style), which reads back."""
     assert format_duration(seconds) == text
+    assert parse_duration(text) == pytest.approx(seconds, abs=0.005)
 
 
 @pytest.mark.parametrize(

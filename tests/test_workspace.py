@@ -292,7 +292,7 @@ def test_cli_workspace_option(tmp_path: Path) -> None:
     done = supervise("-w", str(ws), "--", "sh", "-c", "pwd; echo hi > f")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(ws) and (ws / "f").read_text() == "hi\n"
-    assert "storage 4.0 KiB/1.0 GiB" in done.stderr and "files 1/10000" in done.stderr
+    assert "storage 4.0 KiB/4.0 GiB" in done.stderr and "files 1/100000" in done.stderr
 
 
 # -- the quota: three ways each -------------------------------------------------------------
