@@ -37,7 +37,7 @@ UNITS = {
 }
 
 
-def format_limit(limit: str, value: float | None) -> str:
+def format_limit(limit: str, value: float | Decimal | None) -> str:
     """A value of ``limit`` for people: durations and sizes with units, counts as they are."""
     if value is None:
         return "?"
@@ -48,6 +48,8 @@ def format_limit(limit: str, value: float | None) -> str:
         return format_duration(float(value))
     if unit == "bytes":
         return format_size(int(value))
+    if unit == "usd":
+        return "$" + format(Decimal(str(value)).normalize(), "f")  # $0.0000001, never 1E-7
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
