@@ -409,7 +409,8 @@ from supervisor.budget._policy import BudgetPolicy
 from supervisor.budget.ledger import Ledger
 from supervisor.errors import BudgetExceeded
 url, n = sys.argv[1], int(sys.argv[2])
-budget = BudgetPolicy.model_validate({"daily": {"calls": 10000, "usd": 10}, "unknown_model": "free"})
+daily = {"calls": 10000, "usd": 10}
+budget = BudgetPolicy.model_validate({"daily": daily, "unknown_model": "free"})
 granted = denied = 0
 with Ledger.open(budget, run_id=sys.argv[3], agent="crowd", session=None, store=url) as ledger:
     for _ in range(n):
