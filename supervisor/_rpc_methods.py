@@ -233,8 +233,9 @@ def call(
         denial = {"limit": None, "scope": "store", "used": None, "held": None}
         return None, (j.BUDGET_EXCEEDED, e.message, {**denial, "limit_value": None})
     except UnknownModel as e:  # a budget decision (unknown_model: deny), not bad input
-        denial = {"limit": "model", "scope": "model", "key": e.model, "used": 0, "held": 0}
-        return None, (j.BUDGET_EXCEEDED, f"{method}: {e}", {**denial, "limit_value": 0})
+        model: dict[str, object] = {"limit": "model", "scope": "model", "key": e.model}
+        zero = {"used": 0, "held": 0, "limit_value": 0}
+        return None, (j.BUDGET_EXCEEDED, f"{method}: {e}", {**model, **zero})
     except UnknownReservation as e:
         return None, (j.INVALID_PARAMS, f"{method}: {e}", None)
     except NotImplementedError as e:

@@ -67,7 +67,9 @@ def breach_message(limit: str, observed: float | None, value: float | None, how:
     return f"{limit} limit exceeded: {shown} > {cap} ({how})"
 
 
-def alert_message(limit: str, used: float, value: float, frac: float, scope: str | None) -> str:
+def alert_message(
+    limit: str, used: float | Decimal, value: float | Decimal, frac: float, scope: str | None
+) -> str:
     """``memory at 80% of its limit: 205.0 MiB of 256.0 MiB`` (a budget names its scope)."""
     shown = f"{format_limit(limit, used)} of {format_limit(limit, value)}"
     where = f"{scope} " if scope else ""

@@ -394,7 +394,7 @@ def _below(used: float | int | Decimal, frac: float, value: float | int | Decima
     """``used < frac * value``: in floats for the sampler's measurements, exactly for a
     budget's counts and money (0.00045 USD is 90% of 0.0005, though not in floats)."""
     if isinstance(used, float) or isinstance(value, float):
-        return used < frac * value
+        return float(used) < frac * float(value)
     from decimal import Decimal
 
     return Decimal(used) < Decimal(str(frac)) * Decimal(value)

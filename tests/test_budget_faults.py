@@ -51,8 +51,7 @@ def test_spend_exactly_at_90_percent_raises_the_90_percent_alert(
     )
     result, _ = run_out(budget_policy(tmp_path, run={"usd": "0.0005"}), code)
     assert result.exit_code == 0 and result.violation is None
-    fractions = sorted(w["fraction"] for w in result.warnings)
-    assert fractions == [0.8, 0.9]
+    assert [w["fraction"] for w in result.warnings] == [0.8, 0.9]
     ninety = next(w for w in result.warnings if w["fraction"] == 0.9)
     assert ninety["message"] == "run usd at 90% of its limit: $0.00045 of $0.0005"
     assert len(events(audit_log, "warning")) == 2
