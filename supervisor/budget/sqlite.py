@@ -73,7 +73,7 @@ LOCK_WAIT = 2.0  # seconds: longest wait for the write lock (the Redis store's t
 class SQLiteStore:
     """A ledger store in one SQLite file; safe for many processes and threads."""
 
-    def __init__(self, url: str, path: str) -> None:
+    def __init__(self, url: str, path: str, *, make_dirs: bool = False) -> None:
         self.url, self.path = url, os.path.abspath(path)
         self._thread_lock = threading.Lock()  # flock does not exclude threads sharing the fd
         self._db: sqlite3.Connection | None = None
@@ -85,7 +85,8 @@ class SQLiteStore:
         self._rate = RateWindow()
         self._swept_at = -_SWEEP_EVERY  # when this process last expired holds (store clock)
         try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            if make_dirs:
+                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             self._lock_fd = os.open(
                 self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
