@@ -32,7 +32,6 @@ import _thread
 import errno
 import fcntl
 import os
-import time
 
 from supervisor._audit_chain import (
     EVENTS,
@@ -48,6 +47,7 @@ from supervisor._audit_chain import (
 from supervisor._audit_chain import (
     ZERO_HASH as ZERO_HASH,  # re-exported: scripts/bench.py writes logs with it
 )
+from supervisor._flock import LockHeld, wait_flock
 from supervisor._time import iso_time
 from supervisor.errors import AuditError
 
@@ -103,7 +103,7 @@ def _write_error(path: str, exc: OSError) -> AuditError:
         hint = "free disk space on that filesystem, or pass --audit FILE elsewhere"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = "make it writable by this user, or pass --audit FILE"
-    elif isinstance(exc, _LockHeld):
+    elif isinstance(exc, LockHeld):
         hint = exc.hint
     else:
         hint = "check the path, or pass --audit FILE"
@@ -289,110 +289,6 @@ class AuditLog:
         return f"AuditLog({self.path!r})"
 
 
-LOCK_WAIT = 2.0  # seconds: longest a process of the run's own tree may hold the lock
-CONTENDED_WAIT = 60.0  # seconds: longest wait behind others (supervisors queueing, fsync'ing)
-
-
-class _LockHeld(OSError):
-    """The log's lock stayed held; ``hint`` says by whom, so the fix fits the cause."""
-
-    def __init__(self, message: str, hint: str) -> None:
-        super().__init__(errno.EWOULDBLOCK, message)
-        self.hint = hint
-
-
 def _lock(fd: int) -> None:
-    """flock(LOCK_EX), waiting behind other writers, else ``_LockHeld`` (an OSError).
-
-    Anyone who can read the log can hold its lock (a jailed tree can read it), and a
-    supervisor waiting there enforces nothing.  The holder's pid is in ``/proc/locks``:
-    held for ``LOCK_WAIT`` by a process of this supervisor's own tree, the append fails
-    and the run fails closed (its tree is killed, 125).  Other supervisors queueing on a
-    busy machine are waited for, up to ``CONTENDED_WAIT``.  Uncontended, one syscall.
-    """
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    except BlockingIOError:
-        pass
-    st = os.fstat(fd)
-    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    start = look = time.monotonic()
-    mine = 0.0  # seconds the lock was seen held by this supervisor's tree
-    unknown = start  # since when no holder could be seen (no /proc, another pid namespace)
-    holder: int | None = None
-    delay = 0.0001
-    while True:
-        time.sleep(delay)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        delay = min(2 * delay, 0.001)
-        now = time.monotonic()
-        if now - look < 0.02:  # /proc/locks is read at most 50 times a second
-            continue
-        if holder is not None and _descends(holder):
-            mine += now - look
-        look = now
-        holder = _holder(where)
-        if holder is not None:
-            unknown = now
-        if mine >= LOCK_WAIT:
-            raise _LockHeld(
-                f"its lock was held for more than {LOCK_WAIT:g} s by pid {holder or '?'}, "
-                "a process of the supervised command",
-                "a command must not lock the audit log; the run was stopped (fail closed)",
-            )
-        if now - unknown >= LOCK_WAIT:
-            raise _LockHeld(
-                f"its lock was held for more than {LOCK_WAIT:g} s by a process not seen "
-                "in /proc/locks",
-                "find who holds it (lslocks), or pass --audit FILE",
-            )
-        if now - start >= CONTENDED_WAIT:
-            name = "another process" if holder is None else f"pid {holder} ({_comm(holder)})"
-            raise _LockHeld(
-                f"its lock was held for more than {CONTENDED_WAIT:g} s by other writers",
-                f"{name} holds it: is it stopped or hung? Or pass --audit FILE",
-            )
-
-
-def _holder(where: str) -> int | None:
-    """The pid holding the flock of the file ``major:minor:inode`` (from /proc/locks)."""
-    try:
-        with open("/proc/locks", "rb") as f:
-            table = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    for line in table.splitlines():
-        parts = line.split()
-        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == where:
-            return int(parts[4]) if parts[4].isdigit() and parts[4] != "0" else None
-    return None
-
-
-def _descends(pid: int) -> bool:
-    """Whether ``pid`` is a descendant of this process (its tree: the reaper and below)."""
-    me = os.getpid()
-    for _ in range(64):  # deeper trees are not ours to walk
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            return False
-        pid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # ppid, after "(comm) state"
-        if pid == me:
-            return True
-        if pid <= 1:
-            return False
-    return False
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().decode("utf-8", "replace").strip()
-    except OSError:
-        return "gone"
+    """flock(LOCK_EX) of the log: others waited for, the run's own tree not (``_flock``)."""
+    wait_flock(fd)
