@@ -14,7 +14,8 @@ from pathlib import Path
 
 from _helpers import GLOBAL_TIMEOUT, margin, python, supervise
 
-from supervisor.audit import LOCK_WAIT, AuditLog, verify
+from supervisor._flock import LOCK_WAIT
+from supervisor.audit import AuditLog, verify
 
 HOLD = """
 import fcntl, os, sys
