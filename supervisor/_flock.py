@@ -49,7 +49,7 @@ def wait_flock(fd: int) -> float:
     where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     start = look = time.monotonic()
     mine = 0.0  # seconds the lock was seen held by this supervisor's tree
-    unknown = start  # since when no holder could be seen (no /proc, another pid namespace)
+    unknown = start  # since when the holder could not be seen (no /proc, another pid namespace)
     holder: int | None = None
     delay = 0.0001
     while True:
@@ -67,8 +67,10 @@ def wait_flock(fd: int) -> float:
             mine += now - look
         look = now
         holder = _holder(where)
-        if holder is not None:
+        if holder != 0:  # a holder seen, or none: the lock changes hands and we lost a race
             unknown = now
+        if holder is not None and holder <= 0:
+            holder = None
         if mine >= LOCK_WAIT:
             raise LockHeld(
                 f"its lock was held for more than {LOCK_WAIT:g} s by pid {holder or '?'}, "
@@ -90,16 +92,18 @@ def wait_flock(fd: int) -> float:
 
 
 def _holder(where: str) -> int | None:
-    """The pid holding the flock of the file ``major:minor:inode`` (from /proc/locks)."""
+    """The pid holding the flock of the file ``major:minor:inode`` (from /proc/locks);
+    None when nobody holds it now, 0 when it cannot be seen (no /proc, another pid
+    namespace)."""
     try:
         with open("/proc/locks", "rb") as f:
             table = f.read().decode("ascii", "replace")
     except OSError:
-        return None
+        return 0
     for line in table.splitlines():
         parts = line.split()
         if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == where:
-            return int(parts[4]) if parts[4].isdigit() and parts[4] != "0" else None
+            return int(parts[4]) if parts[4].isdigit() else 0
     return None
 
 
