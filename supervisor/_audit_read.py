@@ -43,11 +43,13 @@ def _lines(path: str) -> Iterator[tuple[int, bytes]]:
         raise AuditError(f"cannot read the audit log {path}: {exc.strerror or exc}") from exc
 
 
-def read_events(paths: Paths, *, strict: bool = True) -> Iterator[dict[str, Any]]:
+def read_events(
+    paths: Paths, *, strict: bool = True, skipped: list[str] | None = None
+) -> Iterator[dict[str, Any]]:
     """Yield every record of one or several files, in order.
 
     A line that is not a JSON object raises AuditError naming file and line, or is skipped
-    with ``strict=False``.
+    with ``strict=False`` (and said, "FILE line N is ...", in ``skipped`` when given).
     """
     for path in _paths(paths):
         for number, raw in _lines(path):
@@ -65,6 +67,8 @@ def read_events(paths: Paths, *, strict: bool = True) -> Iterator[dict[str, Any]
                     f"{path} line {number} is {why}",
                     hint=f"supervise audit --verify {path} checks the whole file",
                 )
+            if skipped is not None:
+                skipped.append(f"{path} line {number} is {why}")
 
 
 class VerifyReport:

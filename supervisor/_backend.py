@@ -80,8 +80,10 @@ class BudgetEvents:
         self.verdicts.breach(error.limit, _num(error.used), _num(error.limit_value), how)
 
     def budget_alert(self, alert: Alert) -> None:
-        used, value = _num(alert.used), _num(alert.limit_value)
-        self.verdicts.alert(alert.limit, used, value, (alert.threshold,), alert.scope)
+        # Exact (int or Decimal): the verdicts compare them so, as the ledger did.
+        self.verdicts.alert(
+            alert.limit, alert.used, alert.limit_value, (alert.threshold,), alert.scope
+        )
 
     def usage_changed(self, call: dict[str, Any]) -> None:
         """A call was settled: ``on_usage`` gets it with the run's running totals."""

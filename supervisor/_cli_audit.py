@@ -6,6 +6,7 @@ Registered on the click group of ``_cli_commands``; imported only when a subcomm
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -54,6 +55,12 @@ def audit(
 
     path = logs[0] if logs else default_audit_file()
     paths = log_files(path) if len(logs) <= 1 else list(logs)
+    if not logs and not follow and not any(os.path.exists(p) for p in paths):
+        # A fresh machine: nothing has run yet, which is not an error.
+        click.echo(f"supervise: no audit log yet ({path}): no run has been supervised", err=True)
+        if verify and as_json:
+            click.echo(json.dumps(verify_log([]).to_dict(), sort_keys=True))
+        return
     try:
         if verify:
             if follow:
@@ -75,12 +82,21 @@ def audit(
             for record in filter_events(live, **filters, since=when):
                 _echo_event(record, as_json)
             return
-        events = filter_events(read_events(paths), **filters, since=when)
+        # A torn line (a crash mid-write) does not hide the rest: it is said, and --verify
+        # names it as the chain's first bad line.
+        torn: list[str] = []
+        events = filter_events(
+            read_events(paths, strict=False, skipped=torn), **filters, since=when
+        )
         if as_json or as_list:
             for record in events:
                 _echo_event(record, as_json)
-            return
-        click.echo(format_summary(summarize(events)))
+        else:
+            click.echo(format_summary(summarize(events)))
+        for line in torn[:10]:
+            click.echo(f"supervise: skipped {line} (supervise audit --verify)", err=True)
+        if len(torn) > 10:
+            click.echo(f"supervise: skipped {len(torn) - 10} more bad lines", err=True)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     except AuditError as e:

@@ -74,7 +74,7 @@ def status(
         click.echo(json.dumps(doc, separators=(",", ":")))
         return
     click.echo(f"agent {agent} · store {store.url}")
-    header = ("scope", "key", "limit", "used", "held", "limit value", "%")
+    header = ("scope", "key", "of", "used", "held", "limit", "%")
     lines: list[tuple[str, ...]] = [header]
     for usage in scopes:
         for name in ("calls", "tokens", "usd"):
@@ -144,12 +144,22 @@ def reset(
             },
         )
     if not done:
-        click.echo(f"supervise: nothing to reset for agent {agent} in {store.url}")
-    for row in done:
         click.echo(
-            f"reset {row['scope']}: was {row['calls']} calls, {row['tokens']} tokens, "
-            f"{format_money(_usd(row['usd']))}"
+            f"supervise: nothing to reset: agent {agent} has no spend in {store.url} "
+            "(supervise report --by agent lists the agents)",
+            err=True,
         )
+        sys.exit(1)
+    window = [row for row in done if row["scope"].startswith("rate:")]  # per-minute buckets
+    for row in done:
+        if row not in window:
+            click.echo(
+                f"reset {row['scope']}: was {row['calls']} calls, {row['tokens']} tokens, "
+                f"{format_money(_usd(row['usd']))}"
+            )
+    if window:
+        calls, tokens = sum(r["calls"] for r in window), sum(r["tokens"] for r in window)
+        click.echo(f"reset the rate window: was {calls} calls, {tokens} tokens")
 
 
 def _usd(micro: int) -> Any:

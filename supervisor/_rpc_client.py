@@ -449,6 +449,9 @@ def _exception(error: object) -> SupervisorError:
         if exc.scope == "store":  # no limit was reached: the ledger could not answer
             exc.message = f"denied, the budget ledger is unavailable (fail closed): {message}"
             exc.args = (exc.message,)
+        elif exc.scope == "model":  # unknown_model: deny; the server's words name the fix
+            exc.message = f"denied: {message}"
+            exc.args = (exc.message,)
         return exc
     if code == j.RATE_LIMITED:
         return RateLimited(

@@ -232,8 +232,10 @@ def call(
     except StoreUnavailable as e:  # fail closed: a denial, never free spend
         denial = {"limit": None, "scope": "store", "used": None, "held": None}
         return None, (j.BUDGET_EXCEEDED, e.message, {**denial, "limit_value": None})
-    except UnknownModel as e:
-        return None, (j.INVALID_PARAMS, f"{method}: {e}", None)
+    except UnknownModel as e:  # a budget decision (unknown_model: deny), not bad input
+        model: dict[str, object] = {"limit": "model", "scope": "model", "key": e.model}
+        zero = {"used": 0, "held": 0, "limit_value": 0}
+        return None, (j.BUDGET_EXCEEDED, f"{method}: {e}", {**model, **zero})
     except UnknownReservation as e:
         return None, (j.INVALID_PARAMS, f"{method}: {e}", None)
     except NotImplementedError as e:

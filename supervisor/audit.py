@@ -6,7 +6,8 @@ separators, UTF-8); ``prev`` is the hash of the line before (64 zeros on the fir
 ``seq`` counts from 0 per file. The line itself is the canonical JSON of the whole record,
 so the file is byte-for-byte reproducible from its records.
 
-Several processes may append to one file at once: each append takes ``flock(LOCK_EX)``,
+Several processes may append to one file at once: each append takes ``flock(LOCK_EX)``
+(waiting behind other writers; not behind the run's own tree: see ``_lock``),
 finds the last complete line (from a cache, or by reading only the tail of the file), and
 writes its line with one ``write`` on an ``O_APPEND`` descriptor, then ``fsync``.
 
@@ -31,7 +32,6 @@ import _thread
 import errno
 import fcntl
 import os
-import time
 
 from supervisor._audit_chain import (
     EVENTS,
@@ -47,6 +47,7 @@ from supervisor._audit_chain import (
 from supervisor._audit_chain import (
     ZERO_HASH as ZERO_HASH,  # re-exported: scripts/bench.py writes logs with it
 )
+from supervisor._flock import LockHeld, wait_flock
 from supervisor._time import iso_time
 from supervisor.errors import AuditError
 
@@ -102,6 +103,8 @@ def _write_error(path: str, exc: OSError) -> AuditError:
         hint = "free disk space on that filesystem, or pass --audit FILE elsewhere"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = "make it writable by this user, or pass --audit FILE"
+    elif isinstance(exc, LockHeld):
+        hint = exc.hint
     else:
         hint = "check the path, or pass --audit FILE"
     return AuditError(f"cannot write the audit log {path}: {exc.strerror or exc}", hint=hint)
@@ -286,31 +289,6 @@ class AuditLog:
         return f"AuditLog({self.path!r})"
 
 
-LOCK_WAIT = 2.0  # seconds
-
-
 def _lock(fd: int) -> None:
-    """flock(LOCK_EX) within LOCK_WAIT, else OSError (EWOULDBLOCK).
-
-    Anyone who can read the log can hold its lock (a jailed tree can read it), and a
-    supervisor waiting there enforces nothing: past LOCK_WAIT the append fails, and the
-    run fails closed (its tree is killed, 125).  Uncontended, one syscall.
-    """
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    except BlockingIOError:
-        pass
-    end = time.monotonic() + LOCK_WAIT
-    delay = 0.0001
-    while True:
-        time.sleep(delay)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= end:
-                raise OSError(
-                    errno.EWOULDBLOCK, f"its lock was held for more than {LOCK_WAIT:g} s"
-                ) from None
-            delay = min(2 * delay, 0.001)
+    """flock(LOCK_EX) of the log: others waited for, the run's own tree not (``_flock``)."""
+    wait_flock(fd)

@@ -25,8 +25,9 @@ the ledger doing its job, not supervise failing: the RPC answers it and the run 
 when a budget does end a run (spend written past a limit), the run ends as a limit
 violation, 124. The child's errors (marked "child") are raised in the agent's process by
 ``supervisor.client``, which exports them with ``BudgetError``, ``BudgetExceeded`` and
-``RateLimited`` (what the child meets; the ledger's ``UnknownModel`` and
-``UnknownReservation`` reach it as an ``RpcError`` with code -32602, invalid params);
+``RateLimited`` (what the child meets; the ledger's ``UnknownModel`` reaches it as a
+``BudgetExceeded`` of scope ``model``, ``UnknownReservation`` as an ``RpcError`` with
+code -32602, invalid params);
 they keep the root's 125 (supervise's side failed or was misused) for a tool that maps
 errors to statuses.
 
@@ -190,8 +191,8 @@ class UnknownModel(BudgetError):
         name = f"{provider}:{model}" if provider else model
         super().__init__(
             f"no price for the model {name!r}",
-            hint=f"price it in budget.pricing (e.g. {model}: {{input: 1.0, output: 2.0}}), "
-            "pass usd, or set budget.unknown_model: free",
+            hint=f"price it in budget.pricing (e.g. {model}: {{input: 1.0, output: 2.0}}) "
+            "or set budget.unknown_model: free",
         )
 
 

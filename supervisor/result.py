@@ -37,7 +37,7 @@ UNITS = {
 }
 
 
-def format_limit(limit: str, value: float | None) -> str:
+def format_limit(limit: str, value: float | Decimal | None) -> str:
     """A value of ``limit`` for people: durations and sizes with units, counts as they are."""
     if value is None:
         return "?"
@@ -48,6 +48,8 @@ def format_limit(limit: str, value: float | None) -> str:
         return format_duration(float(value))
     if unit == "bytes":
         return format_size(int(value))
+    if unit == "usd":
+        return "$" + format(Decimal(str(value)).normalize(), "f")  # $0.0000001, never 1E-7
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
@@ -65,7 +67,9 @@ def breach_message(limit: str, observed: float | None, value: float | None, how:
     return f"{limit} limit exceeded: {shown} > {cap} ({how})"
 
 
-def alert_message(limit: str, used: float, value: float, frac: float, scope: str | None) -> str:
+def alert_message(
+    limit: str, used: float | Decimal, value: float | Decimal, frac: float, scope: str | None
+) -> str:
     """``memory at 80% of its limit: 205.0 MiB of 256.0 MiB`` (a budget names its scope)."""
     shown = f"{format_limit(limit, used)} of {format_limit(limit, value)}"
     where = f"{scope} " if scope else ""

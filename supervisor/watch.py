@@ -26,6 +26,7 @@ import signal
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
+    from decimal import Decimal
     from typing import Any, TypeAlias
 
     from ._plan import Limits, RunPlan
@@ -325,8 +326,8 @@ class Verdicts:
     def alert(
         self,
         limit: str,
-        used: float,
-        value: float,
+        used: float | int | Decimal,
+        value: float | int | Decimal,
         fractions: tuple[float, ...] = ALERTS,
         scope: str | None = None,
     ) -> None:
@@ -334,7 +335,7 @@ class Verdicts:
         for the child)."""
         for frac in fractions:
             key = (f"{scope}.{limit}" if scope else limit, frac)
-            if used < frac * value or key in self._alerted:
+            if key in self._alerted or _below(used, frac, value):
                 continue
             self._alerted.add(key)
             from .result import alert_message
@@ -343,14 +344,14 @@ class Verdicts:
             warning: dict[str, Any] = {
                 "limit": limit,
                 "fraction": frac,
-                "observed": used,
-                "limit_value": value,
+                "observed": _num(used),
+                "limit_value": _num(value),
                 "message": message,
             }
             note: dict[str, Any] = {
                 "limit": limit,
-                "used": used,
-                "limit_value": value,
+                "used": _num(used),
+                "limit_value": _num(value),
                 "fraction": frac,
             }
             if scope:
@@ -387,3 +388,18 @@ class Verdicts:
         cpu = self.plan.max.cpu_time
         if cpu is not None and used > cpu and self.result.violation is None:
             self.breach("cpu_time", used, cpu, "tree CPU")
+
+
+def _below(used: float | int | Decimal, frac: float, value: float | int | Decimal) -> bool:
+    """``used < frac * value``: in floats for the sampler's measurements, exactly for a
+    budget's counts and money (0.00045 USD is 90% of 0.0005, though not in floats)."""
+    if isinstance(used, float) or isinstance(value, float):
+        return float(used) < frac * float(value)
+    from decimal import Decimal
+
+    return Decimal(used) < Decimal(str(frac)) * Decimal(value)
+
+
+def _num(value: float | int | Decimal) -> float | int:
+    """An exact int stays one; money (Decimal) becomes a float for the log and the child."""
+    return value if isinstance(value, (int, float)) else float(value)

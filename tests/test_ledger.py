@@ -282,6 +282,31 @@ def test_unknown_model_is_denied_naming_the_fix(make: Callable[..., Ledger]) -> 
     assert free.reserve(model="my-secret-model", input_tokens=10).usd_held == 0
 
 
+def test_a_callers_usd_never_lowers_the_table_nor_admits_an_unknown_model(
+    make: Callable[..., Ledger],
+) -> None:
+    """usd: 0 neither admits an unknown model under deny nor makes a priced call free; a
+    higher usd (a price supervise does not know) is what is held and charged."""
+    ledger = make({})
+    with pytest.raises(UnknownModel):
+        ledger.reserve(model="mystery", input_tokens=10, usd=Decimal(0))
+    with pytest.raises(UnknownModel):
+        ledger.record(model="mystery", input_tokens=10, output_tokens=0, usd=Decimal(1))
+    huge = ledger.record(model="m", input_tokens=2_000_000_000, output_tokens=0, usd=Decimal(0))
+    assert huge.usd == Decimal(2000) and huge.price_source != "caller"
+    hold = ledger.reserve(model="m", input_tokens=100, max_output_tokens=100, usd=Decimal(0))
+    assert hold.usd_held == Decimal("0.0003")  # the table's worst case, not the caller's 0
+    assert ledger.commit(hold.id, input_tokens=100, output_tokens=100, usd=Decimal(0)).usd == (
+        Decimal("0.0003")
+    )
+    dear = ledger.record(model="m", input_tokens=1, output_tokens=0, usd=Decimal("0.5"))
+    assert dear.usd == Decimal("0.5") and dear.price_source == "caller"
+    free = make({"unknown_model": "free"}, run_id="r2")
+    assert free.reserve(model="mystery", input_tokens=10, usd=Decimal("0.25")).usd_held == (
+        Decimal("0.25")
+    )
+
+
 def test_maintained_prices_are_used(make: Callable[..., Ledger]) -> None:
     """A known model is priced from genai-prices, and the history names its version."""
     ledger = make({})
@@ -384,7 +409,8 @@ from supervisor.budget._policy import BudgetPolicy
 from supervisor.budget.ledger import Ledger
 from supervisor.errors import BudgetExceeded
 url, n = sys.argv[1], int(sys.argv[2])
-budget = BudgetPolicy.model_validate({"daily": {"calls": 10000, "usd": 10}})
+daily = {"calls": 10000, "usd": 10}
+budget = BudgetPolicy.model_validate({"daily": daily, "unknown_model": "free"})
 granted = denied = 0
 with Ledger.open(budget, run_id=sys.argv[3], agent="crowd", session=None, store=url) as ledger:
     for _ in range(n):
@@ -419,7 +445,9 @@ def test_eight_processes_never_overspend(store_url: str) -> None:
     started = time.monotonic()
     results = contend(store_url)
     assert sum(g for g, _ in results) == 10000 and sum(d for _, d in results) == 6000
-    budget = BudgetPolicy.model_validate({"daily": {"calls": 10000, "usd": 10}})
+    budget = BudgetPolicy.model_validate(
+        {"daily": {"calls": 10000, "usd": 10}, "unknown_model": "free"}
+    )
     with Ledger.open(budget, run_id="x", agent="crowd", session=None, store=store_url) as ledger:
         daily = scope(ledger, "daily")
     assert (daily.calls.held, daily.usd.held) == (10000, Decimal("10.000000"))

@@ -255,7 +255,8 @@ def open_store(url: str | None) -> Store:
     from supervisor.budget._policy import parse_store_url
     from supervisor.errors import StoreUnavailable
 
-    url = url or default_store_url()
+    default = default_store_url()
+    url = url or default
     try:
         kind, target = parse_store_url(url)
     except ValueError as error:
@@ -263,7 +264,8 @@ def open_store(url: str | None) -> Store:
     if kind == "sqlite":
         from supervisor.budget.sqlite import SQLiteStore
 
-        return SQLiteStore(url, target)
+        # Only the default file's directory is made: a typo in a path given is an error.
+        return SQLiteStore(url, target, make_dirs=url == default)
     from supervisor.budget.redis import RedisStore
 
     return RedisStore(url)

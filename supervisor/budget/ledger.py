@@ -179,14 +179,15 @@ class Ledger:
         worst = Tokens(input=input_tokens, output=max_output_tokens)
         worst.check()
         estimate = Tokens(input=input_tokens)
-        if usd is not None:
-            # The caller priced the call; settle at the input's price when we know it.
+        # An unknown model is denied here under unknown_model: deny, whatever usd says.
+        held, source, version = self._price(model, provider, worst)
+        est_usd = self._price(model, provider, estimate)[0]
+        if usd is not None and to_micro(usd) > held:
+            # The caller knows a higher price (one supervise does not): hold that.  A lower
+            # one never lowers the table's.  Settled at the input's price when we know it.
+            if source == "free":
+                est_usd = to_micro(usd)
             held, source, version = to_micro(usd), "caller", "caller"
-            known = self.prices.price(model, provider, estimate)
-            est_usd = held if known is None else min(held, known.micro_usd)
-        else:
-            held, source, version = self._price(model, provider, worst)
-            est_usd = self._price(model, provider, estimate)[0]
         op: ReserveOp = {
             **self._base(self._now()),
             "hold_id": new_id(),
@@ -276,11 +277,12 @@ class Ledger:
         usd: Decimal | None,
     ) -> tuple[int, str, str]:
         tokens.check()
-        if usd is not None:
-            return to_micro(usd), "caller", "caller"
         if model is None:
-            raise ValueError("usd is required when the model is not known")
-        return self._price(model, provider, tokens)
+            raise ValueError("no model to price the call by")
+        priced = self._price(model, provider, tokens)
+        if usd is not None and to_micro(usd) > priced[0]:
+            return to_micro(usd), "caller", "caller"  # may raise the table's price, not lower it
+        return priced
 
     def commit(
         self,
@@ -300,7 +302,7 @@ class Ledger:
         tokens.check()
         now = self._now()
         held = self._held.pop(hold_id, None)
-        if held is None and usd is None:  # a hold granted by another ledger: ask the store
+        if held is None:  # a hold granted by another ledger: ask the store
             row = self.store.hold({"agent": self.agent, "hold_id": hold_id})
             if row is None:
                 raise UnknownReservation(hold_id)

@@ -4,8 +4,9 @@ Each operation is one ``BEGIN IMMEDIATE`` transaction. Writers queue on ``flock`
 file (``budget.db.lock``) before they begin, where SQLite's own busy handler sleeps up to
 100 ms between tries and was measured starving a waiting writer for 0.7 s.  No wait is
 unbounded: any process that can read the file can lock it (a jailed tree can read it), and
-a supervisor waiting there enforces nothing, so after ``LOCK_WAIT`` seconds (the lock, or
-SQLite's own locks) the operation fails with StoreUnavailable: a denial, never free spend.
+a supervisor waiting there enforces nothing, so after ``LOCK_WAIT`` seconds held by the
+run's own tree (``/proc/locks`` says who: ``_flock``), or SQLite's own locks, the operation
+fails with StoreUnavailable: a denial, never free spend.  Other supervisors are waited for.
 ``synchronous=NORMAL`` in WAL mode: a commit survives a crash of the process (what SPEC
 asks: committed spend survives a supervisor crash); only an OS crash or power cut may lose
 the last commits, never corrupt the file. Checkpoints (the only fsyncs) run after the write
@@ -30,6 +31,7 @@ import time
 from collections.abc import Iterator
 from typing import cast
 
+from supervisor._flock import LockHeld, wait_flock
 from supervisor.budget import _sqlite_sql as sql
 from supervisor.budget._sqlite_rate import RateWindow, rate_add
 from supervisor.budget._store import KEEP_FINISHED
@@ -67,13 +69,13 @@ _CHECKPOINT_EVERY = 250  # commits of this process (~1000 WAL pages), or a secon
 # on the reserve path, and always before a denial and in usage(): until then an expired hold
 # only holds more than it will cost, so sweeping late never grants what sweeping early denies.
 _SWEEP_EVERY = 1.0
-LOCK_WAIT = 2.0  # seconds: longest wait for the write lock (the Redis store's timeout too)
+LOCK_WAIT = 2.0  # seconds: SQLite's own busy wait, and the Redis store's timeout
 
 
 class SQLiteStore:
     """A ledger store in one SQLite file; safe for many processes and threads."""
 
-    def __init__(self, url: str, path: str) -> None:
+    def __init__(self, url: str, path: str, *, make_dirs: bool = False) -> None:
         self.url, self.path = url, os.path.abspath(path)
         self._thread_lock = threading.Lock()  # flock does not exclude threads sharing the fd
         self._db: sqlite3.Connection | None = None
@@ -85,7 +87,8 @@ class SQLiteStore:
         self._rate = RateWindow()
         self._swept_at = -_SWEEP_EVERY  # when this process last expired holds (store clock)
         try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            if make_dirs:
+                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             self._lock_fd = os.open(
                 self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
@@ -156,32 +159,18 @@ class SQLiteStore:
             self._checkpoint()
 
     def _lock(self) -> float:
-        """flock(LOCK_EX) of the lock file within LOCK_WAIT; the seconds waited.
+        """flock(LOCK_EX) of the lock file; the seconds waited (see ``_flock``: other
+        supervisors are waited for, the run's own tree ``LOCK_WAIT``).
 
-        Uncontended, one syscall.  Contended, it polls (0.1 ms, doubling to 1 ms): a
-        blocking flock cannot time out, and its holder may be a hostile process that
-        never lets go.
+        Uncontended, one syscall.  Contended, it polls: a blocking flock cannot time out,
+        and its holder may be a hostile process that never lets go.
         """
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return 0.0
-        except BlockingIOError:
-            pass
-        start = time.perf_counter()
-        delay = 0.0001
-        while True:
-            time.sleep(delay)
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return time.perf_counter() - start
-            except BlockingIOError:
-                if time.perf_counter() - start >= LOCK_WAIT:
-                    raise StoreUnavailable(
-                        self.url,
-                        f"{self.path}.lock was held for more than {LOCK_WAIT:g} s",
-                        hint="a process holds the ledger's lock: find it with fuser",
-                    ) from None
-                delay = min(2 * delay, 0.001)
+            return wait_flock(self._lock_fd)
+        except LockHeld as held:
+            raise StoreUnavailable(
+                self.url, f"{self.path}.lock: {held.strerror}", hint=held.hint
+            ) from None
 
     def _checkpoint(self) -> None:
         """Copy the WAL into the file outside the write lock (PASSIVE: it waits for no one)."""
