@@ -58,19 +58,21 @@ class Unprivileged:
         os.chown(path, self.uid, self.gid)
         return path
 
-    def supervise(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    def supervise(self, *args: str, stdin: int | None = None) -> subprocess.CompletedProcess[str]:
         if ROOT:  # the children too: root's interpreter is out of the user's reach
             args = tuple(_system_python() if a == sys.executable else a for a in args)
         return subprocess.run(
             ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
              sys.executable if not ROOT else _system_python(), "-m", "supervisor", *args],
             capture_output=True, text=True, timeout=GLOBAL_TIMEOUT, check=False,
-            env=self.env, cwd=self.home, **kw,
+            env=self.env, cwd=self.home, stdin=stdin,
         )  # fmt: skip
 
 
 def _system_python() -> str:
-    found = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin")
+    found = shutil.which(
+        f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin"
+    )
     if found is None:
         pytest.skip("no system Python of this version for the unprivileged user")
     return found
@@ -144,7 +146,7 @@ for name, call in [
     ("chmod", lambda: os.chmod(path, 0o4777)),
     ("chown", lambda: os.chown(path, 1234, 1234)),
     ("utime", lambda: os.utime(path, (0, 0))),
-    ("setxattr", lambda: os.setxattr(path, "security.capability", b"\\x01\\x00\\x00\\x02" + bytes(16))),
+    ("setxattr", lambda: os.setxattr(path, "security.capability", b"\\x01\\0\\0\\x02" + bytes(16))),
     ("user_xattr", lambda: os.setxattr(path, "user.x", b"1")),
 ]:
     try:
@@ -216,7 +218,7 @@ def test_root_tree_cannot_type_into_a_terminal_outside_the_jail(tmp_path: Path) 
     master, slave = os.openpty()
     name = os.ttyname(slave)
     holder = subprocess.Popen(
-        python(HOLDER) + [name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [*python(HOLDER), name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
@@ -442,7 +444,10 @@ def test_user_key_runs_the_tree_as_that_user(tmp_path: Path) -> None:
     """``user: NAME`` as root: the tree's uid is that user's, with no capability."""
     uid, _ = _test_user()
     pol = _policy(tmp_path / "u.yaml", f"user: {USER}\nworkspace: {{}}\n")
-    code = "import os; print(os.getuid(), open('/proc/self/status').read().split('CapEff:')[1].split()[0]); open('f', 'w').write('x')"
+    code = (
+        "import os; status = open('/proc/self/status').read();"
+        "print(os.getuid(), status.split('CapEff:')[1].split()[0]); open('f', 'w').write('x')"
+    )
     proc = supervise("-q", "-p", str(pol), "--", _system_python(), "-c", code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(uid), "0000000000000000"]
