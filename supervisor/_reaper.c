@@ -31,7 +31,8 @@
  * both directions; status=FD ctl=FD name two one-way fds instead, e.g. two pipes):
  *   fd=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N[:HARD]] [nofile=N] [oom=N]
  *   [nproc=N] [scope=1] [lfs=MASK] [lnet=MASK] [rule=MASK:PATH]... [netns=1|2]
- *   [gw=FD:PORT] [ipcns=1] [cgroup=DIR] [cwd=DIR] [pass=FD]... -- argv...
+ *   [gw=FD:PORT] [ipcns=1] [cgroup=DIR] [mnt=1|2] [ro=1] [rw=PATH]... [mask=PATH]...
+ *   [nocaps=1] [user=UID:GID[:G,G...]] [rmtmp=DIR] [cwd=DIR] [pass=FD]... -- argv...
  *
  * scope=1 puts the command in a Landlock domain that scopes signals (ABI >= 6): nothing
  * of the tree can stop, kill or ptrace the reaper or the supervisor.  lfs and lnet are
@@ -497,7 +498,7 @@ static void join_cgroup(const char *dir) {
 /* -- identity: the tree's mount namespace, capabilities and user (issue 14) ----------
  *
  * mnt=1 gives the command a mount namespace of its own (through a user namespace mapping
- * its own ids when unprivileged); in it, ro=1 makes every host mount read-only (EROFS then
+ * its own ids when unprivileged; mnt=2: where the kernel allows it); in it, ro=1 makes every host mount read-only (EROFS then
  * stops chmod, chown, utime, xattrs and mknod, for root and users alike), rw=PATH mounts
  * stay writable and nodev (the workspace, the policy's writable paths), and mask=PATH is
  * covered: a directory by an empty read-only tmpfs, a file by /dev/null (supervise's
@@ -566,8 +567,10 @@ static int set_mount_attr(const char *path, unsigned long long set, unsigned lon
 static void enter_mount_jail(const struct identity *id, int errfd, uid_t uid, gid_t gid) {
     if (!id->mnt) return;
     if (unshare(CLONE_NEWNS) != 0) {
-        if (errno != EPERM || enter_userns(uid, gid) != 0 || unshare(CLONE_NEWNS) != 0)
+        if (errno != EPERM || enter_userns(uid, gid) != 0 || unshare(CLONE_NEWNS) != 0) {
+            if (id->mnt == 2) return; /* best effort: run_start shows no namespace */
             fail_child(errfd, "mount_namespace");
+        }
     }
     /* Nothing done here may reach the host's namespace. */
     if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0) fail_child(errfd, "mount_private");
