@@ -99,7 +99,7 @@ def identity_words(plan: RunPlan, ws: Workspace | None, jailed: bool) -> list[st
     rw = [ws.path, *(p for p in ws.writable if os.path.exists(p))] if jailed and ws else []
     rw = [os.path.realpath(p) for p in rw]
     kept = [*rw, os.getcwd()] if ws is None else [*rw, ws.path]
-    words.append("mnt=1" if root else "mnt=2")
+    words.append("mnt=2")  # where the kernel refuses one, run_start says so (no mounts)
     if jailed:
         words.append("ro=1")
         words += [f"rw={p}" for p in rw]
