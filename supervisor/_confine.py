@@ -91,6 +91,13 @@ class Confinement:
         self._setup_fsize(kills)
         self._setup_tasks()
         self.words += IPC_WORDS
+        from ._identity import identity_words
+
+        try:
+            self.words += identity_words(plan, self.workspace, jailed=self.landlock is not None)
+        except WorkspaceError:
+            self.close()
+            raise
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -123,6 +130,9 @@ class Confinement:
             }
             if "TMPDIR" not in self.plan.env_set:
                 env["TMPDIR"] = ws.path  # the only place the tree can make temporary files
+            from ._identity import jail_home
+
+            jail_home(env, ws, self.plan.env_set)
         elif spec.get("jail", "auto") == "auto" and self._abi is None:
             self.warnings.append(
                 "workspace.jail: this kernel has no Landlock, so the command can write "
@@ -210,6 +220,9 @@ class Confinement:
                 return None  # gone already: no evidence either way
 
         self._start_guard(pid)
+        from ._identity import evidence
+
+        self._guards["identity"] = evidence(pid, self.words)
         if self.plan.network == "deny":
             self.network = "namespace" if own("net") else "landlock-tcp"
         self._guards["ipc"] = "namespace" if own("ipc") else None

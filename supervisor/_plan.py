@@ -31,7 +31,7 @@ if TYPE_CHECKING:
         "processes",
     ]
 
-_FORMAT = 4  # bump when the shape of Policy.to_dict(), or what validates, changes
+_FORMAT = 5  # bump when the shape of Policy.to_dict(), or what validates, changes
 
 
 class Limits:
@@ -95,6 +95,8 @@ class RunPlan:
         "on_violation",
         "policy",
         "sha256",
+        "source",
+        "user",
         "workspace",
     )
 
@@ -118,10 +120,14 @@ class RunPlan:
         self.network: str = data.get("network", "allow")
         self.budget: dict[str, Any] | None = data.get("budget")
         self.gateway: dict[str, Any] | str | None = data.get("gateway")
+        self.user: str | int = data.get("user", "auto")
+        self.source: str | None = None  # the policy file, when it came from one
 
     @classmethod
     def from_policy(cls, policy: Policy) -> RunPlan:
-        return cls(policy.to_dict(), policy.sha256())
+        plan = cls(policy.to_dict(), policy.sha256())
+        plan.source = None if policy.source.startswith("<") else policy.source
+        return plan
 
     @property
     def kills(self) -> bool:
@@ -169,7 +175,9 @@ def load_plan(path: str | None, overrides: list[str]) -> RunPlan:
     try:
         with open(cache, "rb") as f:
             cached = json.loads(f.read())
-        return RunPlan(cached["policy"], cached["sha256"])
+        plan = RunPlan(cached["policy"], cached["sha256"])
+        plan.source = path
+        return plan
     except (OSError, ValueError, KeyError, TypeError):
         pass
     from .policy import Policy
@@ -184,6 +192,7 @@ def load_plan(path: str | None, overrides: list[str]) -> RunPlan:
     if overrides:
         policy = policy.with_overrides(overrides)
     plan = RunPlan.from_policy(policy)
+    plan.source = path
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         tmp = f"{cache}.{os.getpid()}.tmp"

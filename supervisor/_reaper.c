@@ -31,7 +31,8 @@
  * both directions; status=FD ctl=FD name two one-way fds instead, e.g. two pipes):
  *   fd=FD ppid=PID [cpu=SOFT:HARD] [as=N] [fsize=N[:HARD]] [nofile=N] [oom=N]
  *   [nproc=N] [scope=1] [lfs=MASK] [lnet=MASK] [rule=MASK:PATH]... [netns=1|2]
- *   [gw=FD:PORT] [ipcns=1] [cgroup=DIR] [cwd=DIR] [pass=FD]... -- argv...
+ *   [gw=FD:PORT] [ipcns=1] [cgroup=DIR] [mnt=1|2] [ro=1] [rw=PATH]... [mask=PATH]...
+ *   [nocaps=1] [user=UID:GID[:G,G...]] [rmtmp=DIR] [cwd=DIR] [pass=FD]... -- argv...
  *
  * scope=1 puts the command in a Landlock domain that scopes signals (ABI >= 6): nothing
  * of the tree can stop, kill or ptrace the reaper or the supervisor.  lfs and lnet are
@@ -79,6 +80,10 @@
 #include <linux/seccomp.h>
 #include <net/if.h>
 #include <netinet/in.h>
+#include <ftw.h>
+#include <grp.h>
+#include <linux/securebits.h>
+#include <sys/mount.h>
 #include <sys/uio.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
@@ -490,6 +495,143 @@ static void join_cgroup(const char *dir) {
     write_file(path, pid);
 }
 
+/* -- identity: the tree's mount namespace, capabilities and user (issue 14) ----------
+ *
+ * mnt=1 gives the command a mount namespace of its own (through a user namespace mapping
+ * its own ids when unprivileged; mnt=2: where the kernel allows it); in it, ro=1 makes every host mount read-only (EROFS then
+ * stops chmod, chown, utime, xattrs and mknod, for root and users alike), rw=PATH mounts
+ * stay writable and nodev (the workspace, the policy's writable paths), and mask=PATH is
+ * covered: a directory by an empty read-only tmpfs, a file by /dev/null (supervise's
+ * cache and state, a policy file holding a password).  nocaps=1 (a root tree) drops
+ * every capability, bounding and ambient sets included, and locks the securebits so that
+ * no exec of uid 0 gets one back.  user=UID:GID[:G,G...] runs the command as that user.
+ * rmtmp=PATH (a temporary workspace) is removed by this reaper when the supervisor died
+ * before removing it. */
+#define MAX_MOUNTS 64
+struct identity {
+    int mnt, ro, nocaps, nrw, nmask, has_user;
+    uid_t uid;
+    gid_t gid;
+    int ngroups;
+    gid_t groups[64];
+    const char *rw[MAX_MOUNTS], *mask[MAX_MOUNTS];
+    const char *rmtmp;
+};
+
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442
+#endif
+struct mount_attr_v0 { unsigned long long attr_set, attr_clr, propagation, userns_fd; };
+#define ATTR_RDONLY 0x1ULL
+#define ATTR_NOSUID 0x2ULL
+#define ATTR_NODEV 0x4ULL
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+
+static int parse_identity(const char *a, struct identity *id) {
+    if (!strncmp(a, "mnt=", 4)) id->mnt = atoi(a + 4);
+    else if (!strncmp(a, "ro=", 3)) id->ro = atoi(a + 3);
+    else if (!strncmp(a, "nocaps=", 7)) id->nocaps = atoi(a + 7);
+    else if (!strncmp(a, "rw=", 3) && id->nrw < MAX_MOUNTS) id->rw[id->nrw++] = a + 3;
+    else if (!strncmp(a, "mask=", 5) && id->nmask < MAX_MOUNTS) id->mask[id->nmask++] = a + 5;
+    else if (!strncmp(a, "rmtmp=", 6)) id->rmtmp = a + 6;
+    else if (!strncmp(a, "user=", 5)) {
+        unsigned u, g;
+        int used = 0;
+        if (sscanf(a + 5, "%u:%u%n", &u, &g, &used) != 2) return 0;
+        id->uid = u;
+        id->gid = g;
+        id->has_user = 1;
+        const char *q = a + 5 + used;
+        while (*q == ':' || *q == ',') {
+            q++;
+            char *end;
+            unsigned long v = strtoul(q, &end, 10);
+            if (end == q) break;
+            if (id->ngroups < 64) id->groups[id->ngroups++] = (gid_t)v;
+            q = end;
+        }
+    } else return 0;
+    return 1;
+}
+
+static int set_mount_attr(const char *path, unsigned long long set, unsigned long long clr) {
+    struct mount_attr_v0 attr = {set, clr, 0, 0};
+    return (int)syscall(SYS_mount_setattr, AT_FDCWD, path, AT_RECURSIVE, &attr, sizeof attr);
+}
+
+/* In the command, after enter_namespaces: the mount namespace described above.  A step
+ * the kernel refuses fails the start (the supervisor asked for it because the policy
+ * confines the tree); the supervisor reads back /proc/PID/mountinfo for run_start. */
+static void enter_mount_jail(const struct identity *id, int errfd, uid_t uid, gid_t gid) {
+    if (!id->mnt) return;
+    if (unshare(CLONE_NEWNS) != 0) {
+        if (errno != EPERM || enter_userns(uid, gid) != 0 || unshare(CLONE_NEWNS) != 0) {
+            if (id->mnt == 2) return; /* best effort: run_start shows no namespace */
+            fail_child(errfd, "mount_namespace");
+        }
+    }
+    /* Nothing done here may reach the host's namespace. */
+    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) != 0) fail_child(errfd, "mount_private");
+    for (int k = 0; k < id->nrw; k++) /* a mount of its own, to be made writable below */
+        if (mount(id->rw[k], id->rw[k], NULL, MS_BIND | MS_REC, NULL) != 0)
+            fail_child(errfd, "mount_bind");
+    for (int k = 0; k < id->nmask; k++) {
+        struct stat st;
+        if (stat(id->mask[k], &st) != 0) continue; /* nothing there to hide */
+        int r = S_ISDIR(st.st_mode)
+            ? mount("tmpfs", id->mask[k], "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                    "size=4k,mode=0555")
+            : mount("/dev/null", id->mask[k], NULL, MS_BIND, NULL);
+        if (r != 0) fail_child(errfd, "mount_mask");
+    }
+    if (id->ro) {
+        if (set_mount_attr("/", ATTR_RDONLY | ATTR_NOSUID, 0) != 0) fail_child(errfd, "mount_readonly");
+        for (int k = 0; k < id->nrw; k++)
+            if (set_mount_attr(id->rw[k], ATTR_NODEV | ATTR_NOSUID, ATTR_RDONLY) != 0)
+                fail_child(errfd, "mount_writable");
+    }
+}
+
+/* In the command, after the namespaces and before Landlock: the user it runs as. */
+static void switch_user(const struct identity *id, int errfd) {
+    if (!id->has_user) return;
+    if (setgroups((size_t)id->ngroups, id->groups) != 0) fail_child(errfd, "setgroups");
+    if (setresgid(id->gid, id->gid, id->gid) != 0) fail_child(errfd, "setgid");
+    if (setresuid(id->uid, id->uid, id->uid) != 0) fail_child(errfd, "setuid");
+}
+
+/* A root tree that is confined keeps no capability (see nocaps above). */
+static void drop_all_caps(const struct identity *id, int errfd) {
+    if (!id->nocaps || geteuid() != 0) return;
+    /* Belt and braces (refused in some user namespaces): the empty bounding set alone
+     * already keeps an exec of uid 0 from getting any capability back. */
+    prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP |
+          SECBIT_NO_SETUID_FIXUP_LOCKED | SECBIT_KEEP_CAPS_LOCKED |
+          SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED, 0, 0, 0);
+    /* Refused only where this root is itself a user namespace's (no host privilege to
+     * keep); run_start reads the capabilities back either way. */
+    for (int cap = 0; cap <= 63; cap++) prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (syscall(SYS_capset, &hdr, data) != 0) fail_child(errfd, "capset");
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st; (void)flag; (void)ftw;
+    remove(path);
+    return 0;
+}
+
+/* The supervisor died: its temporary workspace goes with the tree. */
+static void remove_temporary(const struct identity *id) {
+    if (id->rmtmp && strstr(id->rmtmp, "/supervise-"))
+        nftw(id->rmtmp, remove_entry, 16, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
+}
+
 /* What the arguments ask for (see the top of this file). */
 struct opts {
     pid_t ppid;
@@ -500,6 +642,7 @@ struct opts {
     const char *cwd, *cgroup;
     int pass[MAX_PASS];
     char **cmd;
+    struct identity id;
 };
 
 /* Step 1: the key=value words, then "--", then the command.  0, or 125 on a bad word. */
@@ -541,6 +684,7 @@ static int parse_args(int argc, char **argv, struct opts *o) {
         else if (!strncmp(a, "scope=", 6)) o->scope = atoi(a + 6);
         else if (!strncmp(a, "cwd=", 4)) o->cwd = a + 4;
         else if (!strncmp(a, "pass=", 5) && o->npass < MAX_PASS) o->pass[o->npass++] = atoi(a + 5);
+        else if (parse_identity(a, &o->id)) {}
         else {
             fprintf(stderr, "supervise reaper: unknown argument %s\n", a);
             return 125;
@@ -745,8 +889,9 @@ static void apply_landlock(const struct opts *o, int errfd, unsigned long long l
         char self[32];
         snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
         struct path_beneath pb;
-        /* write_file | read_file | truncate, as far as they are handled */
-        pb.allowed_access = lfs & ((1ULL << 1) | (1ULL << 2) | (1ULL << 14));
+        /* write_file | read_file | truncate, as far as they are handled; stdin is read
+         * only: `supervise ... < input.txt` must not let the tree rewrite input.txt. */
+        pb.allowed_access = lfs & (fd == 0 ? (1ULL << 2) : (1ULL << 1) | (1ULL << 2) | (1ULL << 14));
         pb.parent_fd = open(self, O_PATH | O_CLOEXEC);
         if (pb.parent_fd < 0 || !pb.allowed_access) continue;
         syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_PATH_BENEATH, &pb, 0);
@@ -767,10 +912,15 @@ static void exec_command(const struct opts *o, int errfd, pid_t reaper) {
     if (getppid() != reaper) _exit(125);
     if (o->cgroup) join_cgroup(o->cgroup);
     apply_rlimits(o, errfd);
+    uid_t uid = getuid(); /* before any user namespace: inside, unmapped ids read as 65534 */
+    gid_t gid = getgid();
     unsigned long long lnet = o->lnet;
     int own_net = enter_namespaces(o, errfd, &lnet);
+    enter_mount_jail(&o->id, errfd, uid, gid);
     int port = make_gateway_socket(o, errfd, own_net, lnet);
     drop_caps();
+    switch_user(&o->id, errfd);
+    drop_all_caps(&o->id, errfd);
     apply_landlock(o, errfd, lnet, port);
     /* The filter needs no_new_privs; the Landlock domain above has set it already. */
     if (!prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)) prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
@@ -805,7 +955,7 @@ static void report_start(int errfd, int parent_fd, int scope) {
 
 /* Step 6: reap the tree and obey "s SIG" until it is empty; kill it all if the
  * supervisor goes. */
-static void watch_tree(int sfd, int parent_fd) {
+static int watch_tree(int sfd, int parent_fd) {
     int cmd_done = 0, orphaned = 0, killing = 0;
     char cbuf[256];
     size_t clen = 0;
@@ -855,6 +1005,7 @@ static void watch_tree(int sfd, int parent_fd) {
          * may outlive it. */
         if (orphaned || killing) signal_tree(SIGKILL, 0);
     }
+    return orphaned;
 }
 
 int main(int argc, char **argv) {
@@ -889,7 +1040,7 @@ int main(int argc, char **argv) {
     close(errpipe[1]);
     if (o.gw_fd >= 0) close(o.gw_fd); /* the command's to send on: EOF once it is done */
     report_start(errpipe[0], parent_fd, o.scope);
-    watch_tree(sfd, parent_fd);
+    if (watch_tree(sfd, parent_fd)) remove_temporary(&o.id);
     /* The tree is empty: its pids cgroup goes too (the supervisor tries again, in case
      * this process is killed first). */
     if (o.cgroup) rmdir(o.cgroup);

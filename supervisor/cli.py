@@ -222,8 +222,8 @@ def _run(plan: RunPlan, opts: dict[str, Any], command: list[str]) -> int:
             prefix = "" if plan.on_violation == "kill" else "warning: "
             _err(prefix + result.violation.message)
         _err(summary(result, plan, largest_file=largest))
-    if opts.get("json"):
-        _write_json(result, opts["json"])
+    if opts.get("json") and not _write_json(result, opts["json"]) and result.exit_code == 0:
+        return 125  # the result was asked for and lost: never a silent success
     return result.exit_code
 
 
@@ -243,19 +243,34 @@ def _relative_hint(error: object, plan: RunPlan, command: list[str]) -> str:
     return f"{hint}: give its path from here)"
 
 
-def _write_json(result: RunResult, target: str) -> None:
+def _write_json(result: RunResult, target: str) -> bool:
+    """Write the result line; False (said on stderr) when it could not be written.
+
+    To stdout, through the fd, blocking: the tree shares that open file and may have left
+    it O_NONBLOCK, which would turn a slow reader into a lost line."""
     import json
 
     text = json.dumps(result.to_dict(), separators=(",", ":")) + "\n"
     if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
+        import os
+
+        data = text.encode()
+        try:
+            sys.stdout.flush()
+            os.set_blocking(1, True)
+            while data:
+                data = data[os.write(1, data) :]
+        except OSError as e:
+            _err(f"cannot write the run result to stdout: {e.strerror}")
+            return False
+        return True
     try:
         with open(target, "w") as f:
             f.write(text)
     except OSError as e:
         _err(f"cannot write the run result to {target}: {e.strerror}")
+        return False
+    return True
 
 
 def summary(result: RunResult, plan: RunPlan, largest_file: int | None = None) -> str:

@@ -204,6 +204,22 @@ class AuditPolicy(_Model):
     keep: Annotated[int | None, _limit(_parse_count, 0, "keep at least 1 rotated file")] = None
 
 
+def _user(value: object) -> str | int:
+    """``user:``: auto, a user name, or a uid (whether it exists is checked at run time)."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError("is not a user (give auto, a user name or a uid)")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is not a uid (give a number >= 0)")
+        return value
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    if not text or any(c in text for c in ":/ \t\n"):
+        raise ValueError(f"{text!r} is not a user name (give auto, a user name or a uid)")
+    return text
+
+
 class Policy(_Model):
     """A validated policy. Build one with ``load``, ``from_yaml``, ``from_dict`` or ``default``."""
 
@@ -213,6 +229,7 @@ class Policy(_Model):
     limits: Limits = Field(default_factory=Limits)
     workspace: WorkspacePolicy | None = None
     network: Literal["allow", "deny"] = "allow"
+    user: Annotated[str | int, BeforeValidator(_user)] = "auto"  # auto | NAME | UID
     gateway: GatewayPolicy = Field(default_factory=GatewayPolicy)
     on_violation: Literal["kill", "warn"] = "kill"
     grace: Annotated[float, BeforeValidator(parse_duration)] = 2.0

@@ -659,7 +659,8 @@ def test_jailed_child_cannot_write_the_ledger_or_the_audit_log(
     result, out = output_of(pol, [*python(WRITE_STATE), str(db)])
     assert result.exit_code == 0
     got = answers(out)
-    assert len(got) == 7 and set(got.values()) == {"EACCES"}, got
+    # EROFS, ENOENT: supervise's state is masked in the tree's mount namespace (issue 14)
+    assert len(got) == 7 and set(got.values()) <= {"EACCES", "EROFS", "ENOENT"}, got
     assert verify(audit_log).ok
     with contextlib.closing(sqlite3.connect(db)) as con:
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -725,7 +726,9 @@ def test_child_holding_the_audit_log_lock_cannot_stall_enforcement(tmp_path: Pat
         )  # fmt: skip
     except Exception as e:  # TimeoutExpired: supervise hung in flock, killed by the test
         pytest.fail(f"supervise hung: {e}")
-    assert done.returncode in (124, 125) and time.monotonic() - t < margin(10)
+    assert time.monotonic() - t < margin(10)
+    # Where the log is masked in the tree's mount namespace (issue 14) it cannot lock it.
+    assert done.returncode in (124, 125) or "locked" not in done.stdout, done.stdout
 
 
 # -- argv and environment -------------------------------------------------------------------
@@ -781,7 +784,8 @@ def test_jailed_child_cannot_fill_tmp_or_dev_shm() -> None:
     result, out = output_of(policy(workspace={}), python(code))
     assert result.exit_code == 0
     got = answers(out)
-    assert len(got) == 11 and set(got.values()) == {"EACCES"}, got
+    # EROFS: the host is read-only in the jail's mount namespace (issue 14)
+    assert len(got) == 11 and set(got.values()) <= {"EACCES", "EROFS"}, got
     for d in ("/tmp", "/dev/shm"):
         assert not [p for p in os.listdir(d) if p.startswith(name)]
 
