@@ -179,6 +179,7 @@ def capabilities() -> dict[str, dict[str, Any]]:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     cgroups = cgroup_v2()
     pids = pids_cgroup() if root or not userns else None
+    memory, cpu = cgroup_parent("memory"), cgroup_parent("cpu")
     return {
         "kernel": row(True, os.uname().release),
         "reaper_helper": reaper,
@@ -217,6 +218,25 @@ def capabilities() -> dict[str, dict[str, Any]]:
             _inotify_limit() > 0,
             f"inotify, up to {_inotify_limit()} watched directories per user",
             "none: a workspace with a quota fails to start (125)",
+        ),
+        "memory_cgroup": row(
+            memory is not None,
+            f"limits.memory by the kernel (on_violation: kill): a memory cgroup "
+            f"v{memory[1]} under {memory[0]} (an OOM kill in it is the memory violation; "
+            "shared memory, memfds, tmpfs counted once)"
+            if memory is not None
+            else "no memory cgroup can be made here (no delegation, or SUPERVISE_CGROUPS=off)",
+            "the watcher: tree RSS sampled, a breach confirmed by PSS; memory not mapped by "
+            "any process (SysV segments, memfds, tmpfs) is not counted",
+        ),
+        "cpu_cgroup": row(
+            cpu is not None,
+            f"the tree's CPU by the kernel's clock: a cgroup v{cpu[1]} under {cpu[0]} "
+            "(children the kernel reaps included)"
+            if cpu is not None
+            else "no cgroup can be made here (no delegation, or SUPERVISE_CGROUPS=off)",
+            "the watcher: /proc's CPU of live processes and reaped children, and the last "
+            "CPU seen of processes the kernel reaped (a child shorter than a sample escapes)",
         ),
         "cgroup_v2": row(
             cgroups is not None, cgroups or "no v2 hierarchy", "not used: the watcher reads /proc"
