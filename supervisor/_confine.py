@@ -1,5 +1,5 @@
 """What a run confines beyond the rlimits: the workspace (jail, quota, file caps), network,
-and the kernel's backstops for the tree (a pids cgroup, an IPC namespace).
+and the kernel's backstops for the tree (cgroups, an IPC namespace).
 
 ``Confinement`` is built before the spawn (it makes the workspace, scans it, and turns the
 policy into the reaper's words) and polled by the run loop after it:
@@ -20,9 +20,9 @@ policy into the reaper's words) and polled by the run loop after it:
   batch of the crossing even while the run loop waits on something else: an fsync'd audit
   line was measured taking 30-130 ms on a busy disk, time enough for four small-file
   writers to add 2-5 MiB.  The guard wakes the run loop (``fileno()``), which decides;
-- where RLIMIT_NPROC cannot back up ``limits.processes`` (root is exempt from it), a pids
-  cgroup does (``pids.max`` = max(16 x processes, 256), threads included), where one is
-  writable;
+- the tree's cgroups (``_cgroup.TreeCgroups``): a pids cgroup where RLIMIT_NPROC cannot
+  back up ``limits.processes`` (root is exempt from it), a memory cgroup that enforces
+  ``limits.memory``, the tree's CPU by the kernel's clock; where one can be made;
 - the tree gets an IPC namespace of its own where it may (root, or a user namespace):
   SysV shared memory and message queues then go with it instead of outliving the run.
 
@@ -37,15 +37,17 @@ import os
 import resource
 
 from .errors import WorkspaceError
-from .limits import IPC_WORDS, cgroup_words, fsize_words, network_words, task_cap
+from .limits import IPC_WORDS, fsize_words, network_words
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import threading
     from typing import Any
 
+    from ._cgroup import TreeCgroups
     from ._plan import RunPlan
     from ._quota import QuotaTracker
+    from .result import Usage
     from .workspace import Workspace
 
 HELD_OPEN_EVERY = 0.5  # seconds between looks for deleted files the tree holds open
@@ -75,8 +77,7 @@ class Confinement:
         self._guard: threading.Thread | None = None
         self._guard_fds: tuple[int, int, int] = (-1, -1, -1)  # wake (eventfd), stop pipe r, w
         self._reaper = 0  # the command's parent: the root of the tree the guard freezes
-        self.cgroup: str | None = None  # the tree's pids cgroup, made here
-        self._tasks_cap = 0
+        self.cgroups: TreeCgroups | None = None  # the tree's cgroups, made here
         self._guards: dict[str, Any] = {}  # what after_spawn found in force
         kills = plan.on_violation == "kill"
         spec = plan.workspace
@@ -89,7 +90,7 @@ class Confinement:
         if plan.network == "deny":
             self._setup_network()
         self._setup_fsize(kills)
-        self._setup_tasks()
+        self._setup_cgroups()
         self.words += IPC_WORDS
         from ._identity import identity_words
 
@@ -154,37 +155,12 @@ class Confinement:
         self._fsize_hard = min(caps) if caps else resource.RLIM_INFINITY
         self._fsize_soft = self._quota_cap()
 
-    def _setup_tasks(self) -> None:
-        """A pids cgroup capping the tree's tasks where RLIMIT_NPROC in a user namespace
-        does not (``limits.nproc_cap``): root, or no user namespaces."""
-        processes = self.plan.max.processes
-        if processes is None:
-            return
-        from ._linux import pids_cgroup, userns_available
+    def _setup_cgroups(self) -> None:
+        """The tree's cgroups (``_cgroup``): pids, memory and CPU, where they can be made."""
+        from ._cgroup import TreeCgroups
 
-        if os.geteuid() != 0 and userns_available():
-            return
-        parent = pids_cgroup()
-        if parent is None:
-            return
-        path = os.path.join(parent, f"supervise-{os.getpid()}-{os.urandom(4).hex()}")
-        self._tasks_cap = task_cap(processes)  # the same cap as RLIMIT_NPROC's
-        try:
-            os.mkdir(path)
-            with open(os.path.join(path, "pids.max"), "w") as f:
-                f.write(str(self._tasks_cap))
-        except OSError:
-            self._remove_cgroup(path)
-            return
-        self.cgroup = path
-        self.words += cgroup_words(path)
-
-    @staticmethod
-    def _remove_cgroup(path: str) -> None:
-        try:
-            os.rmdir(path)
-        except OSError:
-            pass  # gone already (the reaper removes it), or never made
+        self.cgroups = TreeCgroups(self.plan)
+        self.words += self.cgroups.words()
 
     def fsize_words(self) -> list[str]:
         """The reaper's RLIMIT_FSIZE word for the caps computed here, if any."""
@@ -229,20 +205,15 @@ class Confinement:
         try:
             with open(f"/proc/{pid}/status") as f:
                 status = dict(line.split(":", 1) for line in f if ":" in line)
-            groups = ""
-            if self.cgroup is not None:
-                with open(f"/proc/{pid}/cgroup") as f:
-                    groups = f.read()
         except OSError:
             return
         seccomp = status.get("Seccomp", "").strip() == "2"
         self._guards["seccomp"] = (
             "rlimits and scheduling of other processes refused" if seccomp else None
         )
-        if self.cgroup is not None:
-            inside = f"/{os.path.basename(self.cgroup)}\n" in groups
-            where = f"pids.max={self._tasks_cap} ({self.cgroup})"
-            self._guards["tasks_cgroup"] = where if inside else None
+        if self.cgroups is not None:
+            self.cgroups.after_spawn(pid)
+            self._guards.update(self.cgroups.enforced())
 
     # -- the quota guard ----------------------------------------------------------------
 
@@ -402,6 +373,20 @@ class Confinement:
             return "max_file_size", mfs
         return "file_size", file_size
 
+    def final_checks(self, usage: Usage) -> list[tuple[str, float, float, str]]:
+        """Once the tree is gone: the workspace's last events (a command may write and exit
+        within one poll) and its peaks, an OOM kill no sample saw, the cgroup's CPU total."""
+        found: list[tuple[str, float, float, str]] = []
+        if self.tracker is not None:
+            found += self.poll([], final=True)
+            usage.storage_bytes, usage.files = self.peak_bytes, self.peak_files
+        if self.cgroups is not None:
+            cpu = self.cgroups.cpu()
+            if cpu is not None:
+                usage.cpu_time = max(usage.cpu_time, cpu)
+            found += self.cgroups.checks()
+        return found
+
     @property
     def watches_storage(self) -> bool:
         """Whether the workspace has quota limits this run watches."""
@@ -428,5 +413,5 @@ class Confinement:
         self._stop_guard()
         if self.workspace is not None:
             self.workspace.cleanup()
-        if self.cgroup is not None:
-            self._remove_cgroup(self.cgroup)
+        if self.cgroups is not None:
+            self.cgroups.close()

@@ -90,18 +90,33 @@ def cgroup_v2() -> str | None:
     return f"{where} ({controllers}; {'delegated' if delegated else 'not writable'})"
 
 
-_pids_cgroup: list[str | None] = []  # pids_cgroup()'s answer, once found
+_cgroup_dirs: dict[str, tuple[str, int] | None] = {}  # cgroup_parent()'s answers
 
 
 def pids_cgroup() -> str | None:
     """A cgroup directory of the pids controller in which this process may make a child
     group (the v1 pids hierarchy, or a v2 group whose subtree has pids), else None."""
-    if not _pids_cgroup:
-        _pids_cgroup.append(_find_pids_cgroup())
-    return _pids_cgroup[0]
+    found = cgroup_parent("pids")
+    return None if found is None else found[0]
 
 
-def _find_pids_cgroup() -> str | None:
+def cgroup_parent(controller: str) -> tuple[str, int] | None:
+    """(directory, version) of a cgroup with ``controller`` in which this process may make
+    a child group, else None: the v1 hierarchy of that controller, else the v2 group when
+    its subtree has it.  ``cpu`` and ``freezer`` also take a bare v2 group: its
+    ``cpu.stat`` and ``cgroup.freeze`` need no controller.  ``SUPERVISE_CGROUPS=off`` in
+    supervise's environment finds none (the watcher's route, forced)."""
+    if os.environ.get("SUPERVISE_CGROUPS") == "off":
+        return None
+    if controller not in _cgroup_dirs:
+        _cgroup_dirs[controller] = _find_cgroup(controller)
+    return _cgroup_dirs[controller]
+
+
+_V1_NAME = {"cpu": "cpuacct", "pids": "pids", "memory": "memory", "freezer": "freezer"}
+
+
+def _find_cgroup(controller: str) -> tuple[str, int] | None:
     try:
         with open("/proc/self/cgroup") as f:
             groups = [line.rstrip("\n").split(":", 2) for line in f]
@@ -109,25 +124,28 @@ def _find_pids_cgroup() -> str | None:
             mounts = f.read().splitlines()
     except OSError:
         return None
-    v1 = next((path for _, ctl, path in groups if "pids" in ctl.split(",")), None)
+    name = _V1_NAME.get(controller, controller)
+    v1 = next((path for _, ctl, path in groups if name in ctl.split(",")), None)
     v2 = next((path for hid, ctl, path in groups if hid == "0" and not ctl), None)
+    found: list[tuple[int, str, int]] = []  # (preference, directory, version)
     for mount in mounts:
         left, _, right = mount.partition(" - ")
         point, (fstype, _, *options) = left.split()[4], right.split()
-        if fstype == "cgroup" and v1 is not None and "pids" in options[0].split(","):
-            where = os.path.normpath(f"{point}/{v1}")
+        if fstype == "cgroup" and v1 is not None and name in options[0].split(","):
+            found.append((0, os.path.normpath(f"{point}/{v1}"), 1))
         elif fstype == "cgroup2" and v2 is not None:
             where = os.path.normpath(f"{point}/{v2}")
-            try:
-                with open(os.path.join(where, "cgroup.subtree_control")) as f:
-                    if "pids" not in f.read().split():
-                        continue
-            except OSError:
-                continue
-        else:
-            continue
-        if os.access(where, os.W_OK):
-            return where
+            if controller not in ("cpu", "freezer"):
+                try:
+                    with open(os.path.join(where, "cgroup.subtree_control")) as f:
+                        if controller not in f.read().split():
+                            continue
+                except OSError:
+                    continue
+            found.append((1, where, 2))
+    for _, where, version in sorted(found):
+        if os.access(where, os.W_OK) and ":" not in where:  # ':' separates them for the reaper
+            return where, version
     return None
 
 
@@ -161,6 +179,7 @@ def capabilities() -> dict[str, dict[str, Any]]:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     cgroups = cgroup_v2()
     pids = pids_cgroup() if root or not userns else None
+    memory, cpu = cgroup_parent("memory"), cgroup_parent("cpu")
     return {
         "kernel": row(True, os.uname().release),
         "reaper_helper": reaper,
@@ -199,6 +218,25 @@ def capabilities() -> dict[str, dict[str, Any]]:
             _inotify_limit() > 0,
             f"inotify, up to {_inotify_limit()} watched directories per user",
             "none: a workspace with a quota fails to start (125)",
+        ),
+        "memory_cgroup": row(
+            memory is not None,
+            f"limits.memory by the kernel (on_violation: kill): a memory cgroup "
+            f"v{memory[1]} under {memory[0]} (an OOM kill in it is the memory violation; "
+            "shared memory, memfds, tmpfs counted once)"
+            if memory is not None
+            else "no memory cgroup can be made here (no delegation, or SUPERVISE_CGROUPS=off)",
+            "the watcher: tree RSS sampled, a breach confirmed by PSS; memory not mapped by "
+            "any process (SysV segments, memfds, tmpfs) is not counted",
+        ),
+        "cpu_cgroup": row(
+            cpu is not None,
+            f"the tree's CPU by the kernel's clock: a cgroup v{cpu[1]} under {cpu[0]} "
+            "(children the kernel reaps included)"
+            if cpu is not None
+            else "no cgroup can be made here (no delegation, or SUPERVISE_CGROUPS=off)",
+            "the watcher: /proc's CPU of live processes and reaped children, and the last "
+            "CPU seen of processes the kernel reaped (a child shorter than a sample escapes)",
         ),
         "cgroup_v2": row(
             cgroups is not None, cgroups or "no v2 hierarchy", "not used: the watcher reads /proc"

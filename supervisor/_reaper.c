@@ -59,8 +59,9 @@
  *
  * ipcns=1 gives the command an IPC namespace of its own where it may (root, or in the
  * user namespace above): SysV IPC and POSIX message queues then die with the tree.
- * cgroup=DIR is a pids cgroup the supervisor made (pids.max set): the command joins it
- * before exec, and this reaper removes it once the tree is empty.
+ * cgroup=DIR[:DIR]... are the cgroups the supervisor made (pids.max, the memory limit,
+ * CPU accounting): the command joins them before exec, and this reaper removes them once
+ * the tree is empty.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -485,14 +486,40 @@ static void drop_caps(void) {
     syscall(SYS_capset, &hdr, data);
 }
 
-/* Join the pids cgroup the supervisor made (pids.max caps the tree's tasks, threads
- * included, where RLIMIT_NPROC cannot: root is exempt from it).  Best effort: the
- * supervisor checks /proc/PID/cgroup for the evidence. */
-static void join_cgroup(const char *dir) {
+/* Join the cgroups the supervisor made (DIR[:DIR]...: pids.max caps the tree's tasks,
+ * threads included, where RLIMIT_NPROC cannot; memory, CPU accounting).  Best effort:
+ * the supervisor checks /proc/PID/cgroup for the evidence.  Only the first write waits
+ * for an RCU grace period; the others find it passed. */
+static void join_cgroup(const char *dirs) {
     char path[4200], pid[32];
-    snprintf(path, sizeof path, "%s/cgroup.procs", dir);
     snprintf(pid, sizeof pid, "%d\n", (int)getpid());
-    write_file(path, pid);
+    for (const char *d = dirs; d && *d;) {
+        const char *end = strchr(d, ':');
+        size_t len = end ? (size_t)(end - d) : strlen(d);
+        if (len < 4096) {
+            snprintf(path, sizeof path, "%.*s/cgroup.procs", (int)len, d);
+            write_file(path, pid);
+        }
+        d = end ? end + 1 : NULL;
+    }
+}
+
+/* Remove the cgroups once the tree is empty (DIR[:DIR]...), if the supervisor is gone:
+ * else it reads their last figures (CPU, OOM kills) first and removes them itself. */
+static void remove_cgroups(const char *dirs, int parent_fd, pid_t ppid) {
+    char path[4200];
+    struct pollfd pfd = {parent_fd, POLLIN, 0};
+    int gone = parent_fd >= 0 ? poll(&pfd, 1, 0) > 0 : getppid() != ppid;
+    if (!gone) return;
+    for (const char *d = dirs; d && *d;) {
+        const char *end = strchr(d, ':');
+        size_t len = end ? (size_t)(end - d) : strlen(d);
+        if (len < 4096) {
+            snprintf(path, sizeof path, "%.*s", (int)len, d);
+            rmdir(path);
+        }
+        d = end ? end + 1 : NULL;
+    }
 }
 
 /* -- identity: the tree's mount namespace, capabilities and user (issue 14) ----------
@@ -1041,9 +1068,9 @@ int main(int argc, char **argv) {
     if (o.gw_fd >= 0) close(o.gw_fd); /* the command's to send on: EOF once it is done */
     report_start(errpipe[0], parent_fd, o.scope);
     if (watch_tree(sfd, parent_fd)) remove_temporary(&o.id);
-    /* The tree is empty: its pids cgroup goes too (the supervisor tries again, in case
-     * this process is killed first). */
-    if (o.cgroup) rmdir(o.cgroup);
+    /* The tree is empty: its cgroups go too when the supervisor is gone (else it reads
+     * them first, and removes them). */
+    if (o.cgroup) remove_cgroups(o.cgroup, parent_fd, o.ppid);
     say("D %lld\n", self_cpu_us());
     return 0;
 }

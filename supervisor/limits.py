@@ -120,9 +120,9 @@ def gateway_port(fixed: int) -> int:
     return fixed or 20000 + int.from_bytes(os.urandom(4), "big") % 40000
 
 
-def cgroup_words(path: str) -> list[str]:
-    """The pids cgroup the command joins before exec."""
-    return [f"cgroup={path}"]
+def cgroup_words(paths: str) -> list[str]:
+    """The cgroups (``DIR:DIR...``) the command joins before exec."""
+    return [f"cgroup={paths}"]
 
 
 IPC_WORDS = ["ipcns=1"]  # an IPC namespace of the tree's own, where it may

@@ -236,7 +236,7 @@ class Run:
         lim, stopper, confine, backend = self.plan.max, self.stopper, self.confine, self.backend
         assert confine is not None
         wall_at = t0 + lim.wall_time if lim.wall_time is not None else None
-        sampler, prev = watch.TreeSampler(child.reaper_pid), None
+        sampler, prev = watch.TreeSampler(child.reaper_pid, confine.cgroups), None
         sample_at = t0 + 0.01  # the first sample waits: a command over in 10 ms costs nothing
         poller = select.poll()
         storage_fd, rpc_fd = confine.fileno(), self.rpc.fileno() if self.rpc else -1
@@ -367,12 +367,11 @@ class Run:
         return res
 
     def _check_after_exit(self) -> None:
-        """The tree's exact CPU total (from the reaper's rusage) against cpu_time, and the
-        workspace's last events (a command may write and exit within one poll)."""
+        """The tree's exact CPU total (the reaper's rusage, the cgroup's clock) against
+        cpu_time, an OOM kill, and the workspace's last events."""
         confine, u = self.confine, self.result.usage
-        if confine is not None and confine.watches_storage:
-            self.verdicts.judge(confine.poll([], final=True))
-            u.storage_bytes, u.files = confine.peak_bytes, confine.peak_files
+        if confine is not None:  # the workspace's last events, an OOM kill, the cgroup's CPU
+            self.verdicts.judge(confine.final_checks(u))
         self.verdicts.tree_cpu(u.cpu_time)
 
     def _failed(self, error: SupervisorError, t0: float) -> RunResult:

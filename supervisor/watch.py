@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from decimal import Decimal
     from typing import Any, TypeAlias
 
+    from ._cgroup import TreeCgroups
     from ._plan import Limits, RunPlan
     from .result import RunResult, Usage, Violation
 
@@ -41,16 +42,19 @@ TICK = os.sysconf("SC_CLK_TCK")
 SLOW = 0.1  # seconds between samples while every limit is below half
 FAST = 0.02  # at 80% of a limit
 FLOOR = 0.005  # never faster than this
+OOM = math.inf  # a check's "used" for a limit the kernel enforced (it killed: no figure)
 
 
 class Sample:
     """One measurement of the tree."""
 
-    __slots__ = ("cpu", "max_fds", "pids", "processes", "rss", "t")
+    __slots__ = ("cpu", "max_fds", "memory_how", "oom", "pids", "processes", "rss", "t")
 
     def __init__(self, t: float) -> None:
         self.t = t
-        self.rss = 0
+        self.rss = 0  # the tree's memory: RSS, PSS past the limit, or the cgroup's
+        self.memory_how = "tree RSS"
+        self.oom = 0  # OOM kills in the tree's memory cgroup
         self.cpu = 0.0
         self.processes = 0
         self.max_fds = 0
@@ -103,6 +107,21 @@ def _stat(pid: int) -> tuple[int, float, float, int] | None:
     return int(fields[21]) * PAGE, own, reaped, int(fields[17])
 
 
+def _pss(pid: int) -> int | None:
+    """A process's proportional set size (shared pages divided among their sharers): 0
+    once it is gone or exiting (its memory with it), None where it may not be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except PermissionError:
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _fd_count(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -116,13 +135,24 @@ class TreeSampler:
     Per process and sample: one ``stat`` read, one ``children`` read (a directory listing
     more only for a multi-threaded process), and an fd count every ``fd_every`` samples
     (fds change slowly and their listing costs the most).
+
+    With the tree's cgroups (``_cgroup.TreeCgroups``) the memory figure and OOM kills come
+    from the memory group and the CPU total is at least the CPU group's.  Without them, a
+    tree RSS past ``limits.memory`` is confirmed by PSS before it counts (a fork pool's
+    shared pages once, not once per process), and the last CPU seen of a process that
+    vanished without its parent's ``cutime`` growing by it (reaped by the kernel:
+    ``SIGCHLD`` ignored) is kept.
     """
 
-    def __init__(self, root: int, *, fd_every: int = 3) -> None:
+    def __init__(self, root: int, cgroups: TreeCgroups | None = None, *, fd_every: int = 3) -> None:
         self.root = root
         self.fd_every = fd_every
+        self.cgroups = cgroups
+        self.memory_limit = None if cgroups is None else cgroups.plan.max.memory
         self._n = 0
         self._max_fds = 0
+        self._seen: dict[int, tuple[int, float, float]] = {}  # pid: (parent, CPU, cutime)
+        self._lost = 0.0  # CPU of processes gone without reaching a cutime
 
     def pids(self) -> list[int]:
         """Every live descendant of the root, breadth first."""
@@ -135,28 +165,67 @@ class TreeSampler:
 
     def sample(self, t: float) -> Sample:
         s = Sample(t)
+        seen: dict[int, tuple[int, float, float]] = {}
+        rss: dict[int, int] = {}
         root = _stat(self.root)
         if root is not None:
             s.cpu = root[2]  # everything the reaper has reaped
+            seen[self.root] = (0, root[2], root[2])
         count_fds = self._n % self.fd_every == 0
         self._n += 1
-        todo = _children(self.root, 1)
+        todo = [(pid, self.root) for pid in _children(self.root, 1)]
         while todo:
-            pid = todo.pop()
+            pid, parent = todo.pop()
             st = _stat(pid)
             if st is None:
                 continue  # exited between the walk and the read
             s.pids.append(pid)
-            s.rss += st[0]
+            rss[pid] = st[0]
             s.cpu += st[1] + st[2]
-            todo.extend(_children(pid, st[3]))
+            seen[pid] = (parent, st[1] + st[2], st[2])
+            todo.extend((child, pid) for child in _children(pid, st[3]))
             if count_fds:
                 s.max_fds = max(s.max_fds, _fd_count(pid))
         if count_fds:
             self._max_fds = s.max_fds
         s.max_fds = self._max_fds
         s.processes = len(s.pids)
+        s.rss = sum(rss.values())
+        self._count_lost(seen)
+        s.cpu += self._lost
+        self._kernel_figures(s, rss)
         return s
+
+    def _count_lost(self, seen: dict[int, tuple[int, float, float]]) -> None:
+        """Keep the CPU of processes gone since the last sample that their (live) parent's
+        cutime did not take in: children the kernel reaped."""
+        gone: dict[int, float] = {}
+        for pid, (parent, cpu, _) in self._seen.items():
+            if pid not in seen and pid != self.root:
+                gone[parent] = gone.get(parent, 0.0) + cpu
+        for parent, cpu in gone.items():
+            if parent in seen and parent in self._seen:
+                took = seen[parent][2] - self._seen[parent][2]
+                self._lost += max(0.0, cpu - took)
+        self._seen = seen
+
+    def _kernel_figures(self, s: Sample, rss: dict[int, int]) -> None:
+        """The cgroups' figures where they are in force, else PSS past the memory limit."""
+        cg = self.cgroups
+        if cg is not None:
+            cpu = cg.cpu()
+            if cpu is not None:
+                s.cpu = max(s.cpu, cpu)
+            mem = cg.memory()
+            if mem is not None:
+                s.rss, s.oom = mem
+                s.memory_how = "the tree's memory cgroup"
+                return
+        limit = self.memory_limit
+        if limit is not None and s.rss > limit:
+            pss = [_pss(pid) for pid in rss]
+            s.rss = sum(rss[pid] if p is None else p for pid, p in zip(rss, pss, strict=True))
+            s.memory_how = "tree PSS"
 
 
 def next_interval(
@@ -229,8 +298,14 @@ def sample_checks(lim: Limits, cur: Sample, elapsed: float) -> list[Check]:
     out: list[Check] = []
     for name, how in _SAMPLED:
         limit = getattr(lim, name)
-        if limit is not None:
-            out.append((name, used[name], limit, how))
+        if limit is None:
+            continue
+        if name == "memory":
+            how = cur.memory_how
+            if cur.oom:
+                out.append((name, OOM, limit, "the kernel's OOM kill in the tree's memory cgroup"))
+                continue
+        out.append((name, used[name], limit, how))
     return out
 
 
@@ -305,7 +380,9 @@ class Verdicts:
     def judge(self, checks: Iterable[Check]) -> None:
         """A breach for each limit past its value, else maybe an alert."""
         for name, used, limit, how in checks:
-            if used > limit:
+            if used == OOM:  # the kernel enforced it: no figure past the limit
+                self.breach(name, None, limit, how)
+            elif used > limit:
                 self.breach(name, used, limit, how)
             else:
                 self.alert(name, used, limit)

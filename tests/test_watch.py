@@ -29,14 +29,20 @@ HOG = (
 # -- memory (tree RSS) ------------------------------------------------------------------
 
 
-def test_memory_exceeded_stops_the_tree(audit_log: Path) -> None:
+@pytest.fixture
+def watcher_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher's route, not a memory cgroup's (test_kernel_limits tests that one)."""
+    monkeypatch.setenv("SUPERVISE_CGROUPS", "off")
+
+
+def test_memory_exceeded_stops_the_tree(audit_log: Path, watcher_route: None) -> None:
     """A hog growing 50 MB/s past memory is stopped: 124, a memory violation, an audit line."""
     result = run([*python(HOG), str(2 << 30)], memory="150MiB", wall_time="30s")
     assert (result.status, result.exit_code) == ("violation", 124)
     v = result.violation
     assert v.limit == "memory" and v.limit_value == 150 << 20
     assert 150 << 20 < v.observed < 170 << 20  # caught within ~10% of the limit
-    assert "(tree RSS)" in v.message
+    assert "(tree PSS)" in v.message  # RSS past the limit, confirmed by PSS
     (line,) = events(audit_log, "violation")
     assert (line["limit"], line["unit"], line["action"]) == ("memory", "bytes", "kill")
 
@@ -57,7 +63,7 @@ def test_memory_off_passes() -> None:
     assert result.usage.peak_memory > 150 << 20
 
 
-def test_memory_of_a_setsid_escapee_is_counted(no_leftovers: str) -> None:
+def test_memory_of_a_setsid_escapee_is_counted(no_leftovers: str, watcher_route: None) -> None:
     """A double-forked setsid grandchild's memory counts toward the tree's."""
     code = (
         "import os, sys, time\n"
