@@ -177,5 +177,6 @@ def _wrap_stream_helper(resource: object, budget: Budget, label: str | None) -> 
             return m.AsyncMeteredManager(manager, call)
         return m.MeteredManager(manager, call)
 
-    stream.__supervise_original__ = original  # type: ignore[attr-defined]
-    resource.stream = stream  # type: ignore[attr-defined]
+    # The SDK resource is duck-typed here: these attributes are ours to set on it.
+    stream.__supervise_original__ = original  # type: ignore[attr-defined]  # see above
+    resource.stream = stream  # type: ignore[attr-defined]  # see above

@@ -63,7 +63,7 @@ try:
     from _json import make_scanner as _make_scanner
 
     # typeshed types the context as a scanner; any object with these attributes works.
-    _scan: Callable[[str, int], tuple[object, int]] = _make_scanner(_Context())  # type: ignore[arg-type]
+    _scan: Callable[[str, int], tuple[object, int]] = _make_scanner(_Context())  # type: ignore[arg-type]  # ^
 except ImportError:  # pragma: no cover - interpreters without the C accelerator
     import json as _json_mod
 
@@ -88,7 +88,7 @@ def loads(data: bytes | str) -> object:
         except SystemError:
             # The C scanner reports errors inside strings through json.decoder, which it
             # only finds when imported; import it now (only bad input pays) and scan again.
-            import json.decoder  # noqa: F401
+            import json.decoder  # noqa: F401  (imported for its side effect, above)
 
             try:
                 value, end = _scan(text, 0)

@@ -158,7 +158,8 @@ class _Anthropic(Kind):
     def snapshot_seen(self, stream: object) -> Seen:
         """What a ``messages.stream`` MessageStream accumulated (its public snapshot)."""
         try:
-            snapshot = stream.current_message_snapshot  # type: ignore[attr-defined]
+            # Only a MessageStream has it; others raise, handled below.
+            snapshot = stream.current_message_snapshot  # type: ignore[attr-defined]  # ^
         except (AssertionError, AttributeError):
             return Seen()  # no message_start yet
         seen = Seen(

@@ -75,7 +75,8 @@ class QuotaTracker:
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/") or "/"
         libc: object = _inotify()
-        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)  # type: ignore[attr-defined]
+        # ctypes resolves libc functions at run time: mypy cannot see them.
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)  # type: ignore[attr-defined]  # ^
         if fd < 0:
             import ctypes
 
@@ -241,7 +242,7 @@ class QuotaTracker:
         self._scan(self.root)
 
     def _watch(self, path: str) -> None:
-        wd = self._libc.inotify_add_watch(  # type: ignore[attr-defined]
+        wd = self._libc.inotify_add_watch(  # type: ignore[attr-defined]  # ctypes, as above
             self.fd, os.fsencode(path), WATCH_MASK
         )
         if wd < 0:

@@ -428,7 +428,8 @@ def _amount(value: object) -> int | Decimal:
     """A count (int) or USD (Decimal, as the codec reads numbers with a point); else 0."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    return value if type(value).__name__ == "Decimal" else 0  # type: ignore[return-value]
+    # A Decimal, recognised without importing decimal (the client stays light).
+    return value if type(value).__name__ == "Decimal" else 0  # type: ignore[return-value]  # ^
 
 
 def _exception(error: object) -> SupervisorError:

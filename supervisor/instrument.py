@@ -129,7 +129,7 @@ def _point(client: T, base: str, headers: dict[str, str]) -> T:
     if isinstance(custom, dict) and isinstance(getattr(type(client), "base_url", None), property):
         client.base_url = base  # type: ignore[attr-defined]  # duck-typed SDK client
         # A new dict: the one the caller passed as default_headers stays theirs.
-        client._custom_headers = {**custom, **headers}  # type: ignore[attr-defined]
+        client._custom_headers = {**custom, **headers}  # type: ignore[attr-defined]  # duck-typed
         return client
     options: Any = client.with_options  # type: ignore[attr-defined]  # duck-typed SDK client
     copied: T = options(base_url=base, default_headers=headers)

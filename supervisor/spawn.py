@@ -295,7 +295,8 @@ def build_env(
 def _std_action(target: int, value: object) -> tuple[int, int, int] | None:
     if value is None:
         return None
-    fd = value if isinstance(value, int) else value.fileno()  # type: ignore[attr-defined]
+    # A file object (anything with fileno()): typed as object where the caller passes it.
+    fd = value if isinstance(value, int) else value.fileno()  # type: ignore[attr-defined]  # ^
     return (os.POSIX_SPAWN_DUP2, fd, target)
 
 

@@ -62,7 +62,8 @@ def upstream() -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        # A TCPSite started on port 0: its server is there and has sockets.
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # ^
         print(port, flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await runner.cleanup()
