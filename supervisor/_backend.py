@@ -356,9 +356,9 @@ def open_rpc(
     workspace's check_write, steps); None when it has not.  The ledger opens here, so an
     unreachable store fails the run (125) before the command starts; holds of runs whose
     supervisor died are settled and logged."""
-    budget = {} if plan.budget is None and gateway else plan.budget  # usage counted, no limit
-    if budget is None and plan.workspace is None and plan.max.step_time is None:
+    if not plan.needs_rpc(gateway):
         return None
+    budget = {} if plan.budget is None and gateway else plan.budget  # usage counted, no limit
     from .rpc import RpcServer
 
     ledger = None

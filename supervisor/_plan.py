@@ -129,6 +129,16 @@ class RunPlan:
         plan.source = None if policy.source.startswith("<") else policy.source
         return plan
 
+    def needs_rpc(self, gateway: bool) -> bool:
+        """Whether a run asks anything of the budget RPC: a budget (or the gateway, whose
+        ledger counts usage), a workspace's check_write, steps."""
+        return (
+            gateway
+            or self.budget is not None
+            or self.workspace is not None
+            or self.max.step_time is not None
+        )
+
     @property
     def kills(self) -> bool:
         """Whether a breach stops the tree (``on_violation: kill``), or only warns."""

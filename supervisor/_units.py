@@ -308,8 +308,9 @@ _BARE = frozenset(("calls", "tokens", "rate", "processes", "open_files", "files"
 
 def show_value(limit_or_unit: str | None, value: object) -> str:
     """A measured value or a limit for people: ``""`` for None; money as ``format_money``
-    (``usd``); else the number (a float to 6 significant digits) and the unit after it
-    (``1.5 s``, ``2048 bytes``), none for a limit counted in itself (``tokens``: ``500``)."""
+    (``usd``); durations as ``format_duration`` (``1.5s``); else the number (a float to 6
+    significant digits) and the unit after it (``2048 bytes``), none for a limit counted
+    in itself (``tokens``: ``500``)."""
     if value is None:
         return ""
     if limit_or_unit == "usd" and isinstance(value, int | float | str | Decimal):
@@ -317,6 +318,8 @@ def show_value(limit_or_unit: str | None, value: object) -> str:
             return format_money(Decimal(str(value)))
         except (ArithmeticError, ValueError):
             pass  # not an amount (an edited log, 1e999): shown as it is below
+    if limit_or_unit in ("s", "seconds") and isinstance(value, int | float):
+        return format_duration(float(value))  # one style: the policy's (1.5s, 250ms, 5m)
     text = f"{value:.6g}" if isinstance(value, float) else str(value)
     if limit_or_unit and limit_or_unit != "usd" and limit_or_unit not in _BARE:
         return f"{text} {limit_or_unit}"

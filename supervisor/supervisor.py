@@ -206,9 +206,11 @@ class Run:
         return self.child, rlimits, confine
 
     def _open_rpc(self, env: dict[str, str]) -> tuple[int, ...]:
+        providers = _gateway_run.wanted(self.plan)
+        if not self.plan.needs_rpc(providers is not None):
+            return ()  # nothing to ask: the backend (typing, the ledger) is never imported
         from ._backend import open_rpc
 
-        providers = _gateway_run.wanted(self.plan)
         hook, hooks, confine = self.sup.on_usage, self.hooks, self.confine
         on_usage = None if hook is None else lambda event: hooks.call("on_usage", hook, event)
         assert confine is not None

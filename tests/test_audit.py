@@ -578,9 +578,9 @@ def test_format_event_is_one_readable_line(log_path: Path) -> None:
         start = log.append("run_start", run_id="ab12cd", detail={"landlock": 3})
     line = format_event(record)
     assert line == (
-        f"{record['ts'][:19]}Z  violation  run=ab12cd  agent=bot  wall_time 1.5 s > 1 s"
+        f"{record['ts'][:19]}Z  violation  run=ab12cd  agent=bot  wall_time 1.5s > 1s"
         "  kill  stopped 3 processes"
     )
     assert format_event(start) == f'{start["ts"][:19]}Z  run_start  run=ab12cd  {{"landlock": 3}}'
     warning = {**record, "event": "warning", "observed": None, "action": None, "detail": None}
-    assert format_event(warning).endswith("agent=bot  wall_time 1 s")
+    assert format_event(warning).endswith("agent=bot  wall_time 1s")
