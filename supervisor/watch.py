@@ -256,6 +256,10 @@ def next_interval(
 
 # -- the checks ------------------------------------------------------------------------
 
+# CPU seconds past cpu_time that the watcher leaves to the kernel's RLIMIT_CPU: a process
+# that reaches the limit alone dies of SIGXCPU there (a tree of several is the watcher's).
+KERNEL_FIRST = 0.1
+
 _SAMPLED = (
     ("memory", "tree RSS"),
     ("processes", "live processes in the tree"),
@@ -305,7 +309,12 @@ def sample_checks(lim: Limits, cur: Sample, elapsed: float) -> list[Check]:
             if cur.oom:
                 out.append((name, OOM, limit, "the kernel's OOM kill in the tree's memory cgroup"))
                 continue
-        out.append((name, used[name], limit, how))
+        value = used[name]
+        if name == "cpu_time" and limit < value <= limit + KERNEL_FIRST:
+            # RLIMIT_CPU stops each process at the limit: in this window its SIGXCPU is
+            # due, and it, not the sampled sum, says why the tree was stopped.
+            value = limit
+        out.append((name, value, limit, how))
     return out
 
 
