@@ -61,7 +61,7 @@ def breach_message(limit: str, observed: float | None, value: float | None, how:
     shown = format_limit(limit, observed)
     if shown == cap:  # "3.00 s > 3.00 s" reads as no breach at all: be exact
         if UNITS.get(limit) == "seconds":
-            shown = f"{observed:.3f}".rstrip("0").rstrip(".") + "s"  # 1.004s > 1s
+            shown = f"{observed:.3f}s"  # 1.004s > 1s; 1.000s, never "1s > 1s"
         elif UNITS.get(limit) == "bytes":
             shown, cap = f"{int(observed)} bytes", f"{int(value or 0)} bytes"
     return f"{limit} limit exceeded: {shown} > {cap} ({how})"

@@ -118,3 +118,18 @@ def test_exit_status_maps_as_the_spec_says() -> None:
         "signaled",
         130,
     )
+
+
+def test_a_breach_message_never_reads_as_no_breach() -> None:
+    """A value past its limit that rounds to it is shown exactly: never "1s > 1s"."""
+    from supervisor.result import breach_message
+
+    assert breach_message("wall_time", 1.0004, 1, "wall clock") == (
+        "wall_time limit exceeded: 1.000s > 1s (wall clock)"
+    )
+    assert breach_message("cpu_time", 1.5, 1, "tree CPU") == (
+        "cpu_time limit exceeded: 1.5s > 1s (tree CPU)"
+    )
+    assert breach_message("memory", 1048577, 1048576, "tree RSS").startswith(
+        "memory limit exceeded: 1048577 bytes > 1048576 bytes"
+    )
