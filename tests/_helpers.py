@@ -187,3 +187,19 @@ class RedisServer:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=GLOBAL_TIMEOUT)
+
+
+def spend(store: str, usd: str, session: str | None = None, *, rate: bool = False) -> None:
+    """Record one call of ``usd`` for agent bot in ``store`` (``rate``: with a rate limit,
+    so the store holds a rate window too)."""
+    from decimal import Decimal
+
+    from supervisor.budget._policy import BudgetPolicy
+    from supervisor.budget.ledger import Ledger
+
+    section: dict[str, Any] = {"unknown_model": "free"}
+    if rate:
+        section["rate"] = {"calls_per_minute": 60}
+    budget = BudgetPolicy.model_validate(section)
+    with Ledger.open(budget, run_id="r", agent="bot", session=session, store=store) as ledger:
+        ledger.record(model="x", input_tokens=100, output_tokens=50, usd=Decimal(usd))

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from pathlib import Path
 
-from _helpers import supervise
+from _helpers import spend, supervise
 
 from supervisor.audit import read_events
-from supervisor.budget._policy import BudgetPolicy
-from supervisor.budget.ledger import Ledger
 
 POLICY = """\
 version: 1
@@ -22,13 +19,6 @@ budget:
   pricing:
     my-model: {input: 1, output: 2}
 """
-
-
-def spend(store: str, usd: str, session: str | None = None) -> None:
-    """Record one call of ``usd`` for agent bot."""
-    budget = BudgetPolicy.model_validate({"unknown_model": "free"})
-    with Ledger.open(budget, run_id="r", agent="bot", session=session, store=store) as ledger:
-        ledger.record(model="x", input_tokens=100, output_tokens=50, usd=Decimal(usd))
 
 
 def test_status_json_has_specs_shape(tmp_path: Path) -> None:

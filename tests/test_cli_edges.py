@@ -4,14 +4,11 @@ item 7), through the real command line."""
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from pathlib import Path
 
-from _helpers import supervise
+from _helpers import spend, supervise
 
 from supervisor.audit import AuditLog
-from supervisor.budget._policy import BudgetPolicy
-from supervisor.budget.ledger import Ledger
 
 
 def test_audit_on_a_fresh_machine_says_there_is_nothing_yet(isolated_state: Path) -> None:
@@ -65,21 +62,12 @@ budget:
 """
 
 
-def spend(store: str, usd: str) -> None:
-    """Record one call of ``usd`` for agent bot."""
-    budget = BudgetPolicy.model_validate(
-        {"unknown_model": "free", "rate": {"calls_per_minute": 60}}
-    )
-    with Ledger.open(budget, run_id="r", agent="bot", session=None, store=store) as ledger:
-        ledger.record(model="x", input_tokens=100, output_tokens=50, usd=Decimal(usd))
-
-
 def test_status_table_names_its_columns(tmp_path: Path) -> None:
     """The table's header: the metric column is not called "limit" beside "limit value"."""
     policy = tmp_path / "p.yaml"
     policy.write_text(POLICY)
     store = f"sqlite:///{tmp_path}/b.db"
-    spend(store, "0.5")
+    spend(store, "0.5", rate=True)
     done = supervise("budget", "status", "-p", str(policy), "--store", store)
     header = done.stdout.splitlines()[1].split()
     assert header == ["scope", "key", "of", "used", "held", "limit", "%"]
@@ -89,7 +77,7 @@ def test_reset_shows_no_internal_keys_and_fails_for_an_unknown_agent(tmp_path: P
     """reset prints the scopes a user knows (the rate window as one line, no rate:KEY), and
     an agent with nothing to reset exits 1 saying so."""
     store = f"sqlite:///{tmp_path}/b.db"
-    spend(store, "1.25")
+    spend(store, "1.25", rate=True)
     audit = str(tmp_path / "audit.jsonl")
     done = supervise("budget", "reset", "--agent", "bot", "--store", store, "--audit", audit)
     assert done.returncode == 0, done.stderr
